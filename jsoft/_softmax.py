@@ -1,0 +1,319 @@
+r"""The softmax family: ``logsumexp``, ``softmax`` and ``log_softmax``.
+
+All three rest on the max shift. For a slice ``x`` with maximum ``m``,
+
+.. math::
+  \operatorname{lse}(x) = m + \log \sum_i e^{x_i - m}, \qquad
+  \operatorname{softmax}(x)_i = \frac{e^{x_i - m}}{\sum_j e^{x_j - m}},
+
+which is exact for any constant ``m`` and, with ``m = max x``, never overflows
+(every exponent is ≤ 0) and never divides by zero (one term is ``e^0 = 1``).
+Because the results do not depend on ``m``, the shift is held constant under
+differentiation (``stop_gradient``).
+
+Non-finite inputs follow one convention everywhere in jsoft:
+
+* ``-inf`` entries, and entries with ``where=False``, carry no mass. A slice
+  with no mass at all (all masked, all ``-inf``, or empty) has softmax 0,
+  log_softmax ``-inf``, logsumexp ``-inf``, and zero gradient.
+* NaN propagates to every output of its slice. A ``+inf`` logit makes
+  ``logsumexp`` ``+inf``; the softmax of its slice is ``inf/inf``, undefined,
+  and NaN as in ``jax.nn``.
+
+Each function has a hand-written ``custom_jvp`` rule (reverse mode is its
+transpose) that calls the function itself, so derivatives of every order keep
+using these rules.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsoft import _checks
+
+Axis = int | tuple[int, ...] | None
+
+
+# --------------------------------------------------------------- max shift
+#
+# Kernels are written so that every pass over the logits is one fused XLA
+# loop: a per-entry compare-and-select, or an [N, C] intermediate shared by
+# two reductions, would instead be materialised as an [N, C] temporary.
+# Per-row selects (on the max, the sum) cost nothing and are used freely.
+
+
+def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
+  """``x`` with ``where=False`` entries replaced by ``-inf`` (no mass)."""
+  return x if where is None else jnp.where(where, x, -jnp.inf)
+
+
+def row_shift(x: jax.Array, axis: tuple[int, ...]):
+  """The max ``m`` over ``axis`` (kept) and the shift ``c`` to subtract.
+
+  ``c = m`` when the max is finite, else 0 (a slice with no mass keeps its
+  ``-inf`` entries; NaN and ``+inf`` propagate). Both are constants under
+  autodiff: the results do not depend on the shift.
+  """
+  m = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)
+  c = jnp.where(jnp.isfinite(m), m, 0)
+  return lax.stop_gradient(m), lax.stop_gradient(c)
+
+
+def lse_from_parts(m: jax.Array, c: jax.Array, log_s: jax.Array) -> jax.Array:
+  """``c + log s``, or the max itself when it is ±inf or NaN."""
+  return jnp.where(jnp.isfinite(m), c + log_s, m)
+
+
+def safe_divisor(s: jax.Array) -> jax.Array:
+  """``s`` with zeros replaced by one: a slice with no mass divides 0 by 1."""
+  return jnp.where(s == 0, 1, s)
+
+
+# ------------------------------------------------------------------ kernels
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _softmax(x: jax.Array, axis: tuple[int, ...],
+             where: jax.Array | None) -> jax.Array:
+  x = masked(x, where)
+  e = jnp.exp(x - row_shift(x, axis)[1])
+  return e / safe_divisor(jnp.sum(e, axis=axis, keepdims=True))
+
+
+@_softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+  x, where = primals
+  dx, _ = tangents
+  y = _softmax(x, axis, where)
+  # dy = y ⊙ (dx − Σ y·dx); masked entries have y = 0 and stay at 0.
+  return y, y * (dx - jnp.sum(y * dx, axis=axis, keepdims=True))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _log_softmax(x: jax.Array, axis: tuple[int, ...],
+                 where: jax.Array | None) -> jax.Array:
+  x = masked(x, where)
+  z = x - row_shift(x, axis)[1]
+  s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
+  # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
+  return jnp.where(s == 0, -jnp.inf, z - jnp.log(s))
+
+
+@_log_softmax.defjvp
+def _log_softmax_jvp(axis, primals, tangents):
+  x, where = primals
+  dx, _ = tangents
+  y = _log_softmax(x, axis, where)
+  p = jnp.exp(y)
+  dy = dx - jnp.sum(p * dx, axis=axis, keepdims=True)
+  # Masked entries are the constant −inf: zero tangent, exactly.
+  return y, dy if where is None else jnp.where(where, dy, 0)
+
+
+def _lse_weights(a, b, where, axis):
+  """Shared by logsumexp and its JVP: ``(m, c, e, s)``, ``s = Σ b·e^(a − c)``.
+
+  Entries with ``b == 0`` carry no mass (as in ``jax.nn.logsumexp``), so a
+  large ``a`` there cannot swamp the shift.
+  """
+  if b is not None:
+    where = (b != 0) if where is None else where & (b != 0)
+  x = masked(a, where)
+  m, c = row_shift(x, axis)
+  e = jnp.exp(x - c)
+  s = jnp.sum(e if b is None else b * e, axis=axis, keepdims=True)
+  return m, c, e, s
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _logsumexp(a: jax.Array, b: jax.Array | None, where: jax.Array | None,
+               axis: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """``(log|Σ b·e^a|, sign)`` over ``axis``, both with the axes kept."""
+  m, c, _, s = _lse_weights(a, b, where, axis)
+  return lse_from_parts(m, c, jnp.log(jnp.abs(s))), jnp.sign(s)
+
+
+@_logsumexp.defjvp
+def _logsumexp_jvp(axis, primals, tangents):
+  a, b, where = primals
+  da, db, _ = tangents
+  out, sign = _logsumexp(a, b, where, axis)
+  _, c, e, s = _lse_weights(a, b, where, axis)
+  q = e / safe_divisor(s)  # e^(a − lse)·sign: softmax when b is None.
+  d = q * da if b is None else q * (b * da)
+  if b is not None:
+    # ∂/∂b_i = e^(a_i − lse)·sign for every unmasked i, including b_i = 0.
+    x = masked(a, where)
+    q_all = jnp.exp(x - c) / safe_divisor(s)
+    d = d + q_all * db
+  dout = jnp.sum(d, axis=axis, keepdims=True)
+  return (out, sign), (dout, jnp.zeros_like(sign))
+
+
+# -------------------------------------------------------------- public API
+
+
+def _static_axis(axis: Any) -> Any:
+  return tuple(axis) if isinstance(axis, list) else axis
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "keepdims",
+                                             "return_sign"))
+def _logsumexp_jit(a, axis, b, keepdims, return_sign, where):
+  fn = "logsumexp"
+  a = _checks.real(jnp.asarray(a), fn, "a")
+  arrays = [a]
+  if b is not None:
+    b = _checks.real(jnp.asarray(b), fn, "b")
+    arrays.append(b)
+  dtype = jnp.result_type(*arrays)
+  shape = _checks.broadcast_shape([x.shape for x in arrays], fn, "a and b")
+  axes = _checks.axes(axis, len(shape), fn, allow_none=True)
+  where = _checks.mask(where, shape, fn)
+  _checks.finite(a, fn, "a", where)
+  ct = _checks.compute_dtype(dtype)
+  a = jnp.broadcast_to(a, shape).astype(ct)
+  if b is not None:
+    b = jnp.broadcast_to(b, shape).astype(ct)
+  out, sign = _logsumexp(a, b, where, axes)
+  if not return_sign:
+    out = jnp.where(sign < 0, jnp.nan, out)  # the log of a negative sum
+  if not keepdims:
+    out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
+  out, sign = out.astype(dtype), sign.astype(dtype)
+  return (out, sign) if return_sign else out
+
+
+def logsumexp(a: jax.typing.ArrayLike, axis: Axis = None,
+              b: jax.typing.ArrayLike | None = None, keepdims: bool = False,
+              return_sign: bool = False,
+              where: jax.typing.ArrayLike | None = None
+              ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  r"""Log-sum-exp, computed without overflow: a drop-in for
+  :func:`jax.nn.logsumexp`.
+
+  .. math::
+    \operatorname{lse}(a) = \log \sum_i b_i e^{a_i}
+                          = m + \log \sum_i b_i e^{a_i - m},
+    \quad m = \max_i a_i .
+
+  The max shift keeps every exponent ≤ 0. Derivative:
+  :math:`\partial\,\mathrm{lse}/\partial a_i = b_i e^{a_i - \mathrm{lse}}`
+  (the softmax when ``b`` is None) and
+  :math:`\partial\,\mathrm{lse}/\partial b_i = e^{a_i - \mathrm{lse}}`.
+
+  Args:
+    a: input array.
+    axis: int, tuple of ints, or None (all axes) to reduce over.
+    b: optional scale factors, broadcastable with ``a``; entries with
+      ``b == 0`` are excluded, so they cannot overflow the sum.
+    keepdims: keep the reduced axes with size one.
+    return_sign: also return the sign of :math:`\sum b e^a`, and the log of
+      its absolute value (otherwise a negative sum gives NaN).
+    where: optional boolean mask broadcastable with ``a``; ``False`` entries
+      are left out of the sum and get zero gradient.
+
+  Returns:
+    The log-sum-exp, in ``a``'s (promoted) floating dtype; with
+    ``return_sign``, a pair ``(lse, sign)``. An all ``-inf`` or all-masked
+    slice gives ``-inf`` (sign 0) with zero gradient; a slice holding
+    ``+inf`` gives ``+inf``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jsoft
+    >>> lse = jsoft.logsumexp(jnp.array([-1000.0, -1000.0, -1000.0]))
+    >>> print(f"{lse:.4f}")  # -1000 + log 3
+    -998.9014
+  """
+  return _logsumexp_jit(_checks.asarray(a), _static_axis(axis),
+                        _checks.asarray(b), keepdims, return_sign,
+                        _checks.asarray(where))
+
+
+def _activation(kernel, fn):
+  """The jitted entry point shared by softmax and log_softmax."""
+
+  @functools.partial(jax.jit, static_argnames=("axis",))
+  def run(x, axis, where):
+    x = _checks.real(jnp.asarray(x), fn, "x")
+    axes = _checks.axes(axis, x.ndim, fn, allow_none=True)
+    where = _checks.mask(where, x.shape, fn)
+    _checks.finite(x, fn, "x", where)
+    return kernel(x.astype(_checks.compute_dtype(x.dtype)), axes,
+                  where).astype(x.dtype)
+
+  return run
+
+
+_softmax_jit = _activation(_softmax, "softmax")
+_log_softmax_jit = _activation(_log_softmax, "log_softmax")
+
+
+def softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
+            where: jax.typing.ArrayLike | None = None) -> jax.Array:
+  r"""Softmax, computed without overflow: a drop-in for :func:`jax.nn.softmax`.
+
+  .. math::
+    \operatorname{softmax}(x)_i = \frac{e^{x_i - m}}{\sum_j e^{x_j - m}},
+    \quad m = \max_j x_j .
+
+  Subtracting the max changes nothing mathematically and keeps every exponent
+  ≤ 0, so ``softmax([-1000, -1000, -1000])`` is exactly ``1/3`` (the naive
+  formula gives ``0/0``). Derivative (a ``custom_jvp`` rule):
+  :math:`\dot y = y \odot (\dot x - \langle y, \dot x\rangle)`.
+
+  Args:
+    x: input array (16-bit floats are computed in float32).
+    axis: int, tuple of ints or None (all axes) to normalise over.
+    where: optional boolean mask broadcastable with ``x``; ``False`` entries
+      get probability 0 and zero gradient, whatever their value.
+
+  Returns:
+    An array of ``x``'s shape and dtype. A slice with no mass (all masked or
+    all ``-inf``) gives zeros.
+
+  Examples:
+    >>> import jax.numpy as jnp, jsoft
+    >>> print(jsoft.softmax(jnp.array([2.0, 3.0, 5.0, 6.0])).round(4))
+    [0.0128 0.0347 0.2562 0.6964]
+  """
+  return _softmax_jit(_checks.asarray(x), _static_axis(axis),
+                      _checks.asarray(where))
+
+
+def log_softmax(x: jax.typing.ArrayLike, axis: Axis = -1,
+                where: jax.typing.ArrayLike | None = None) -> jax.Array:
+  r"""Log-softmax, computed without overflow: a drop-in for
+  :func:`jax.nn.log_softmax`.
+
+  .. math::
+    \log\operatorname{softmax}(x)_i = (x_i - m) - \log \sum_j e^{x_j - m},
+    \quad m = \max_j x_j .
+
+  Computed from the shifted logits, never as ``log(softmax(x))``, so it keeps
+  full precision where the softmax underflows. Derivative (a ``custom_jvp``
+  rule): :math:`\dot y = \dot x - \langle \operatorname{softmax}(x),
+  \dot x\rangle`.
+
+  Args:
+    x: input array (16-bit floats are computed in float32).
+    axis: int, tuple of ints or None (all axes) to normalise over.
+    where: optional boolean mask broadcastable with ``x``; ``False`` entries
+      give ``-inf`` and get zero gradient.
+
+  Returns:
+    An array of ``x``'s shape and dtype; ``-inf`` throughout a slice with no
+    mass.
+
+  Examples:
+    >>> import jax.numpy as jnp, jsoft
+    >>> print(jsoft.log_softmax(jnp.array([1000.0, -1000.0, 0.0])))
+    [    0. -2000. -1000.]
+  """
+  return _log_softmax_jit(_checks.asarray(x), _static_axis(axis),
+                          _checks.asarray(where))
