@@ -1,0 +1,36 @@
+"""jsoft: stable softmax, sigmoid and cross-entropy kernels for JAX.
+
+Drop-in replacements for ``jax.nn`` and ``optax`` that are never NaN where the
+math is finite, carry the ``y - t`` gradient as a hand-written VJP rule, and
+work under every JAX transformation.
+"""
+
+from jsoft._binary_cross_entropy import (
+    sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy,
+)
+from jsoft._checks import checked as checked
+from jsoft._cross_entropy import (
+    softmax_cross_entropy as softmax_cross_entropy,
+)
+from jsoft._cross_entropy import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
+)
+from jsoft._sigmoid import log_sigmoid as log_sigmoid
+from jsoft._sigmoid import sigmoid as sigmoid
+from jsoft._softmax import log_softmax as log_softmax
+from jsoft._softmax import logsumexp as logsumexp
+from jsoft._softmax import softmax as softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "checked",
+    "log_sigmoid",
+    "log_softmax",
+    "logsumexp",
+    "sigmoid",
+    "sigmoid_binary_cross_entropy",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]
