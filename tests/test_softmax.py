@@ -1,0 +1,227 @@
+"""softmax, log_softmax and logsumexp: values, numerics contract, dtypes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoft
+from tests import helpers
+
+F32 = jnp.float32
+INF = np.inf
+EXTREMES = [[-1000.0] * 3, [1000.0] * 3, [1000.0, -1000.0, 0.0]]
+
+
+def _x(values, dtype=F32):
+  return jnp.asarray(values, dtype)
+
+
+class TestBlogPost:
+  """The table of the blog post jsoft started from."""
+
+  def test_softmax_of_2_3_5_6(self):
+    np.testing.assert_allclose(
+        jsoft.softmax(_x([2, 3, 5, 6])),
+        [0.01275478, 0.03467109, 0.25618664, 0.69638749], rtol=1e-6)
+
+  def test_naive_formula_gives_nan_and_jsoft_is_exact(self):
+    x = np.array([-1000.0] * 3)
+    with np.errstate(all="ignore"):
+      naive = np.exp(x) / np.sum(np.exp(x))
+    assert np.isnan(naive).all()
+    np.testing.assert_array_equal(jsoft.softmax(_x(x)), np.full(3, 1 / 3, F32))
+
+
+class TestSoftmax:
+
+  @pytest.mark.parametrize("values", EXTREMES)
+  def test_extremes_are_exact(self, values):
+    expected = helpers.softmax(values).astype(np.float32)
+    np.testing.assert_array_equal(jsoft.softmax(_x(values)), expected)
+
+  def test_matches_scipy_float64(self):
+    x = np.random.default_rng(0).normal(scale=20, size=(7, 11))
+    np.testing.assert_allclose(jsoft.softmax(x, axis=0),
+                               helpers.softmax(x, axis=0), rtol=1e-14)
+
+  def test_matches_jax_nn_where_both_are_right(self):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 9)), F32)
+    np.testing.assert_allclose(jsoft.softmax(x), jax.nn.softmax(x),
+                               rtol=2e-6, atol=1e-7)
+
+  def test_minus_inf_entries_act_as_masks(self):
+    x = _x([1.0, -INF, 2.0, -INF])
+    expected = helpers.softmax([1.0, 2.0])
+    np.testing.assert_allclose(jsoft.softmax(x), [expected[0], 0,
+                                                  expected[1], 0], rtol=1e-6)
+    np.testing.assert_array_equal(
+        jsoft.softmax(_x([1.0, 5.0, 2.0, 7.0]),
+                      where=np.array([True, False, True, False])),
+        jsoft.softmax(x))
+
+  def test_all_masked_row_is_zero(self):
+    out = jsoft.softmax(_x([[1.0, 2.0], [3.0, 4.0]]),
+                        where=np.array([[False, False], [True, True]]))
+    np.testing.assert_array_equal(out[0], [0, 0])
+    np.testing.assert_allclose(out[1], helpers.softmax([3.0, 4.0]), rtol=1e-6)
+
+  def test_all_minus_inf_row_is_zero(self):
+    np.testing.assert_array_equal(jsoft.softmax(_x([-INF, -INF])), [0, 0])
+
+  def test_plus_inf_is_undefined_like_jax_nn(self):
+    # inf/inf: the slice is NaN, as in jax.nn; logsumexp is still +inf.
+    assert np.isnan(jsoft.softmax(_x([INF, 0.0]))[0])
+    assert np.isnan(jax.nn.softmax(_x([INF, 0.0]))[0])
+
+  def test_nan_propagates_to_its_row_only(self):
+    out = jsoft.softmax(_x([[1.0, np.nan], [1.0, 2.0]]))
+    assert np.isnan(out[0]).all()
+    assert np.isfinite(out[1]).all()
+
+  def test_masked_nan_is_ignored(self):
+    out = jsoft.softmax(_x([np.nan, 1.0]), where=np.array([False, True]))
+    np.testing.assert_array_equal(out, [0, 1])
+
+  @pytest.mark.parametrize("axis", [0, 1, -1, (0, 2), None])
+  def test_axes(self, axis):
+    x = np.random.default_rng(2).normal(size=(3, 4, 5))
+    if axis is None:
+      expected = helpers.softmax(x.ravel()).reshape(x.shape)
+    elif isinstance(axis, tuple):
+      moved = np.moveaxis(x, axis, (-2, -1)).reshape(4, 15)
+      expected = np.moveaxis(
+          helpers.softmax(moved).reshape(4, 3, 5), (-2, -1), axis)
+    else:
+      expected = helpers.softmax(x, axis=axis)
+    np.testing.assert_allclose(jsoft.softmax(x, axis=axis), expected,
+                               rtol=1e-13)
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32,
+                                     jnp.float64])
+  def test_returns_input_dtype(self, dtype):
+    x = jnp.asarray([2.0, 3.0, 5.0, 6.0], dtype)
+    out = jsoft.softmax(x)
+    assert out.dtype == dtype
+    # Computed in (at least) float32, then rounded once to the output dtype.
+    expected = helpers.softmax(np.asarray(x, np.float64))
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected,
+                               rtol=float(jnp.finfo(dtype).eps))
+
+  def test_empty(self):
+    assert jsoft.softmax(jnp.zeros((0, 3), F32)).shape == (0, 3)
+    assert jsoft.softmax(jnp.zeros((2, 0), F32)).shape == (2, 0)
+
+  def test_accepts_lists_and_ints(self):
+    np.testing.assert_allclose(jsoft.softmax([2, 3, 5, 6]),
+                               helpers.softmax([2, 3, 5, 6]), rtol=1e-6)
+
+
+class TestLogSoftmax:
+
+  @pytest.mark.parametrize("values", EXTREMES)
+  def test_extremes_are_exact(self, values):
+    expected = helpers.log_softmax(values).astype(np.float32)
+    np.testing.assert_array_equal(jsoft.log_softmax(_x(values)), expected)
+
+  def test_matches_scipy_float64(self):
+    x = np.random.default_rng(3).normal(scale=50, size=(5, 13))
+    np.testing.assert_allclose(jsoft.log_softmax(x), helpers.log_softmax(x),
+                               rtol=1e-14)
+
+  def test_keeps_precision_where_softmax_underflows(self):
+    out = jsoft.log_softmax(_x([0.0, -200.0]))
+    np.testing.assert_allclose(out, [0.0, -200.0], rtol=1e-7)
+
+  def test_all_masked_is_minus_inf(self):
+    out = jsoft.log_softmax(_x([1.0, 2.0]), where=np.array([False, False]))
+    np.testing.assert_array_equal(out, [-INF, -INF])
+
+  def test_masked_entries_are_minus_inf(self):
+    out = jsoft.log_softmax(_x([1.0, 1e4, 2.0]),
+                            where=np.array([True, False, True]))
+    assert out[1] == -INF
+    np.testing.assert_allclose(np.asarray(out)[[0, 2]],
+                               helpers.log_softmax([1.0, 2.0]), rtol=1e-6)
+
+  def test_all_minus_inf_is_minus_inf(self):
+    np.testing.assert_array_equal(jsoft.log_softmax(_x([-INF, -INF])),
+                                  [-INF, -INF])
+
+  def test_nan_propagates(self):
+    assert np.isnan(jsoft.log_softmax(_x([np.nan, 1.0]))).all()
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_returns_input_dtype(self, dtype):
+    assert jsoft.log_softmax(jnp.zeros(3, dtype)).dtype == dtype
+
+
+class TestLogsumexp:
+
+  @pytest.mark.parametrize("values", EXTREMES)
+  def test_extremes_are_exact(self, values):
+    expected = np.float32(helpers.logsumexp(values))
+    assert jsoft.logsumexp(_x(values)) == expected
+
+  def test_default_axis_is_all(self):
+    x = np.random.default_rng(4).normal(size=(3, 4))
+    np.testing.assert_allclose(jsoft.logsumexp(x),
+                               helpers.logsumexp(x, axis=None), rtol=1e-15)
+
+  @pytest.mark.parametrize("axis", [0, -1, (0, 1), None])
+  @pytest.mark.parametrize("keepdims", [False, True])
+  def test_axes_and_keepdims_match_jax_nn(self, axis, keepdims):
+    x = np.random.default_rng(5).normal(size=(3, 4, 2))
+    out = jsoft.logsumexp(x, axis=axis, keepdims=keepdims)
+    ref = jax.nn.logsumexp(jnp.asarray(x), axis=axis, keepdims=keepdims)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-14)
+
+  def test_all_minus_inf_row_is_minus_inf_with_zero_gradient(self):
+    x = _x([[-INF, -INF], [0.0, 0.0]])
+    out = jsoft.logsumexp(x, axis=1)
+    assert out[0] == -INF
+    np.testing.assert_allclose(out[1], math.log(2), rtol=1e-7)
+    g = jax.grad(lambda x: jsoft.logsumexp(x, axis=1)[0])(x)
+    np.testing.assert_array_equal(g, np.zeros((2, 2)))
+
+  def test_where_all_false(self):
+    out = jsoft.logsumexp(_x([1.0, 2.0]), where=np.array([False, False]))
+    assert out == -INF
+
+  def test_scale_factors_b(self):
+    a = np.array([1.0, 2.0, 3.0])
+    b = np.array([0.5, 0.0, 2.0])
+    expected = np.log(np.sum(b * np.exp(a)))
+    np.testing.assert_allclose(jsoft.logsumexp(a, b=b), expected, rtol=1e-15)
+
+  def test_b_zero_excludes_an_overflowing_entry(self):
+    out = jsoft.logsumexp(_x([1e4, 0.0]), b=_x([0.0, 1.0]))
+    assert out == 0.0
+
+  def test_return_sign(self):
+    a = np.array([0.0, 1.0])
+    b = np.array([1.0, -1.0])
+    out, sign = jsoft.logsumexp(a, b=b, return_sign=True)
+    expected = np.log(np.e - 1)
+    np.testing.assert_allclose(out, expected, rtol=1e-15)
+    assert sign == -1
+    assert np.isnan(jsoft.logsumexp(a, b=b))  # log of a negative sum
+
+  def test_plus_inf(self):
+    assert jsoft.logsumexp(_x([INF, 0.0])) == INF
+
+  def test_nan_propagates(self):
+    assert np.isnan(jsoft.logsumexp(_x([np.nan, 0.0])))
+
+  def test_empty_is_minus_inf(self):
+    assert jsoft.logsumexp(jnp.zeros((0,), F32)) == -INF
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_returns_input_dtype(self, dtype):
+    out = jsoft.logsumexp(jnp.asarray([1.0, 2.0], dtype))
+    assert out.dtype == dtype
+    np.testing.assert_allclose(float(out), helpers.logsumexp([1.0, 2.0]),
+                               rtol=float(jnp.finfo(dtype).eps))
