@@ -225,3 +225,36 @@ class TestLogsumexp:
     assert out.dtype == dtype
     np.testing.assert_allclose(float(out), helpers.logsumexp([1.0, 2.0]),
                                rtol=float(jnp.finfo(dtype).eps))
+
+
+class TestMaskGradients:
+  """where=False entries of any size get exactly zero gradient; an all-False
+  slice gets a zero (finite) gradient."""
+
+  MASK = np.array([[True, False, True], [False, False, False]])
+  X = _x([[1.0, 1e4, 2.0], [3.0, 1e4, -5.0]])
+  W = np.array([[0.3, -1.2, 0.7], [1.0, 2.0, -1.0]], np.float32)
+
+  @pytest.mark.parametrize("fn", [jsoft.softmax, jsoft.log_softmax])
+  def test_activations(self, fn):
+    def scalar(x):
+      y = fn(x, where=self.MASK)
+      return jnp.sum(jnp.where(self.MASK, self.W * y, 0))
+    g = np.asarray(jax.grad(scalar)(self.X))
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(g[~self.MASK], 0.0)
+    assert np.any(g[0] != 0)
+
+  def test_logsumexp(self):
+    g = np.asarray(jax.grad(lambda x: jnp.sum(
+        jsoft.logsumexp(x, axis=1, where=self.MASK)[:1]))(self.X))
+    np.testing.assert_array_equal(g[~self.MASK], 0.0)
+    np.testing.assert_allclose(g[0, [0, 2]], helpers.softmax([1.0, 2.0]),
+                               rtol=1e-6)
+
+  def test_probability_cross_entropy(self):
+    t = _x([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    g = np.asarray(jax.grad(lambda x: jnp.sum(
+        jsoft.softmax_cross_entropy(x, t, where=self.MASK)))(self.X))
+    np.testing.assert_array_equal(g[~self.MASK], 0.0)
+    assert np.isfinite(g).all()

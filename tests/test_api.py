@@ -1,0 +1,79 @@
+"""The public surface: names, signatures, and jitted entry points."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jsoft
+
+PEERS = {
+    "logsumexp": jax.nn.logsumexp,
+    "softmax": jax.nn.softmax,
+    "log_softmax": jax.nn.log_softmax,
+    "sigmoid": jax.nn.sigmoid,
+    "log_sigmoid": jax.nn.log_sigmoid,
+    "softmax_cross_entropy": optax.softmax_cross_entropy,
+    "softmax_cross_entropy_with_integer_labels":
+        optax.softmax_cross_entropy_with_integer_labels,
+    "sigmoid_binary_cross_entropy": optax.sigmoid_binary_cross_entropy,
+}
+
+
+def test_exports():
+  assert sorted(jsoft.__all__) == sorted([*PEERS, "checked"])
+  for name in jsoft.__all__:
+    assert callable(getattr(jsoft, name))
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_same_parameters_as_the_peer(name):
+  ours = inspect.signature(getattr(jsoft, name)).parameters
+  theirs = inspect.signature(PEERS[name]).parameters
+  assert list(ours) == list(theirs)
+  for p in ours:
+    assert ours[p].default == theirs[p].default, p
+    assert ours[p].kind == theirs[p].kind, p
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_documented_with_formula_and_derivative(name):
+  doc = getattr(jsoft, name).__doc__
+  assert ".. math::" in doc
+  assert "Derivative" in doc or "Gradient" in doc
+  assert "Examples:" in doc
+
+
+ARGS = {
+    "logsumexp": (jnp.ones((2, 3)),),
+    "softmax": (jnp.ones((2, 3)),),
+    "log_softmax": (jnp.ones((2, 3)),),
+    "sigmoid": (jnp.ones((2, 3)),),
+    "log_sigmoid": (jnp.ones((2, 3)),),
+    "softmax_cross_entropy": (jnp.ones((2, 3)), jnp.ones((2, 3)) / 3),
+    "softmax_cross_entropy_with_integer_labels": (jnp.ones((2, 3)),
+                                                  jnp.array([0, 2])),
+    "sigmoid_binary_cross_entropy": (jnp.ones((2, 3)), jnp.zeros((2, 3))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_eager_call_is_one_jitted_computation(name):
+  # The whole function is a single jit call (static axis), so an eager call
+  # dispatches one compiled program instead of running op by op.
+  jaxpr = jax.make_jaxpr(getattr(jsoft, name))(*ARGS[name]).jaxpr
+  assert len(jaxpr.eqns) == 1
+  assert jaxpr.eqns[0].primitive.name in ("pjit", "jit")
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_same_answers_as_the_peer_on_ordinary_inputs(name):
+  args = [np.asarray(a, np.float64) if a.dtype.kind == "f" else np.asarray(a)
+          for a in ARGS[name]]
+  args[0] = args[0] * np.array([[0.5, -1.0, 2.0]])
+  np.testing.assert_allclose(getattr(jsoft, name)(*args),
+                             PEERS[name](*map(jnp.asarray, args)),
+                             rtol=1e-14)
