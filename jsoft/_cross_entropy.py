@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from jsoft import _checks, _rules
-from jsoft._softmax import masked, row_shift, safe_divisor
+from jsoft._softmax import mass, masked, row_shift
 
 Axis = int | tuple[int, ...] | None
 _LAST = (-1,)
@@ -112,12 +112,12 @@ def _int_ce_fwd(static, logits, labels, entries, rows):
   del static
   x = _entries(logits, entries)
   idx, ok, fill = _label_terms(labels, entries, rows, x.shape[-1])
-  _, c = row_shift(x, _LAST)
+  c = row_shift(x, _LAST)
   s = jnp.sum(jnp.exp(x - c), axis=-1)  # one fused pass over the logits
   z_label = (_label_logit(x, idx) - c)[..., 0]
   # L = log s − (x_label − m): from the shifted logits, so [-1000]*3 gives
   # log 3 − 0 exactly. A label without mass (x_label = −inf) gives +inf.
-  loss = jnp.where(s == 0, jnp.inf, jnp.log(s) - z_label)
+  loss = jnp.log(mass(s)) - z_label
   return jnp.where(ok, loss, fill), (logits, labels, entries, rows, c, s)
 
 
@@ -126,7 +126,7 @@ def _int_ce_bwd(static, res, ct):
   logits, labels, entries, rows, c, s = res
   x = _entries(logits, entries)
   idx, ok, fill = _label_terms(labels, entries, rows, x.shape[-1])
-  p = jnp.exp(x - c) * (1 / safe_divisor(s))[..., None]
+  p = jnp.exp(x - c) * (1 / mass(s))[..., None]
   # y − t: the softmax, minus one at the label (iota == label, no one-hot).
   is_label = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == (
       idx[..., None])
@@ -152,7 +152,7 @@ def _ce_parts(logits, labels, entries):
   t = labels.astype(x.dtype)
   if entries is not None:
     t = jnp.where(entries, t, 0)
-  _, c = row_shift(x, _LAST)
+  c = row_shift(x, _LAST)
   s = jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True)
   return x, t, c, s
 
@@ -166,7 +166,7 @@ def _ce_fwd(static, logits, labels, entries, rows):
   # (x + (−c) is x − c exactly; spelled differently from the sum above so
   # that XLA does not share, and so materialise, an [N, C] broadcast of c.)
   loss = jnp.sum(
-      t * (jnp.log(safe_divisor(s)) - jnp.maximum(x + (-c), -big)), axis=-1)
+      t * (jnp.log(mass(s)) - jnp.maximum(x + (-c), -big)), axis=-1)
   # Target mass on −inf logits makes the loss +inf. 1 − min(4·e^(x/big), 1)
   # is exactly 1 at x = −inf and 0 at every finite x (e^(x/big) ≥ e^−1),
   # written without a compare so that it fuses into the reduction.
@@ -184,10 +184,10 @@ def _ce_bwd(static, res, ct):
   z = x - c
   ct = ct[..., None]
   # y − t, for targets of any total mass: softmax·Σt − t.
-  p = jnp.exp(z) / safe_divisor(s)
+  p = jnp.exp(z) / mass(s)
   g_logits = (p * jnp.sum(t, -1, keepdims=True) - t) * ct
   # ∂L/∂t = −log softmax = log s − z (+inf where the softmax is 0).
-  g_labels = jnp.where(s == 0, jnp.inf, jnp.log(s) - z) * ct
+  g_labels = (jnp.log(mass(s)) - z) * ct
   if entries is not None:
     g_labels = jnp.where(entries, g_labels, 0)
   if rows is not None:

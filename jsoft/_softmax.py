@@ -52,26 +52,35 @@ def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
   return x if where is None else jnp.where(where, x, -jnp.inf)
 
 
-def row_shift(x: jax.Array, axis: tuple[int, ...]):
-  """The max ``m`` over ``axis`` (kept) and the shift ``c`` to subtract.
+def row_shift(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+  """The shift ``c``: the max over ``axis`` (kept), and at least the most
+  negative float.
 
-  ``c = m`` when the max is finite, else 0 (a slice with no mass keeps its
-  ``-inf`` entries; NaN and ``+inf`` propagate). Both are constants under
+  The floor makes a slice with no mass (all ``-inf``, all masked, or empty)
+  shift by a finite number, so its entries stay ``-inf`` instead of becoming
+  ``-inf - (-inf) = NaN``; NaN and ``+inf`` propagate. It is the reduction's
+  initial value rather than a ``maximum`` afterwards, which keeps the max and
+  the ``exp(x - c)`` that follows in one fused XLA loop. Constant under
   autodiff: the results do not depend on the shift.
   """
-  m = jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf)
-  c = jnp.where(jnp.isfinite(m), m, 0)
-  return lax.stop_gradient(m), lax.stop_gradient(c)
+  x = lax.stop_gradient(x)
+  axis = tuple(a % x.ndim for a in axis)
+  c = lax.reduce(x, -jnp.finfo(x.dtype).max, lax.max, axis)
+  return lax.expand_dims(c, axis)
 
 
-def lse_from_parts(m: jax.Array, c: jax.Array, log_s: jax.Array) -> jax.Array:
-  """``c + log s``, or the max itself when it is ±inf or NaN."""
-  return jnp.where(jnp.isfinite(m), c + log_s, m)
+def lse_from_parts(c: jax.Array, s: jax.Array) -> jax.Array:
+  """``c + log s``, and ``+inf`` when the slice holds ``+inf`` (where the
+  shifted sum is NaN). A slice with no mass has ``s = 0``: ``-inf``."""
+  return jnp.where(c == jnp.inf, jnp.inf, c + jnp.log(s))
 
 
-def safe_divisor(s: jax.Array) -> jax.Array:
-  """``s`` with zeros replaced by one: a slice with no mass divides 0 by 1."""
-  return jnp.where(s == 0, 1, s)
+def mass(s: jax.Array) -> jax.Array:
+  """``max(s, 1)`` for a sum ``s = Σ e^(x - c)``, which is 0 (no mass) or at
+  least 1 (the max term is ``e^0``): a slice with no mass divides 0 by 1 and
+  takes ``log 1 = 0``, so its softmax is 0 and its log-softmax ``-inf - 0``.
+  An elementwise max rather than a select, so it fuses."""
+  return jnp.maximum(s, 1)
 
 
 # ------------------------------------------------------------------ kernels
@@ -81,8 +90,8 @@ def safe_divisor(s: jax.Array) -> jax.Array:
 def _softmax(x: jax.Array, axis: tuple[int, ...],
              where: jax.Array | None) -> jax.Array:
   x = masked(x, where)
-  e = jnp.exp(x - row_shift(x, axis)[1])
-  return e / safe_divisor(jnp.sum(e, axis=axis, keepdims=True))
+  e = jnp.exp(x - row_shift(x, axis))
+  return e / mass(jnp.sum(e, axis=axis, keepdims=True))
 
 
 @_softmax.defjvp
@@ -98,10 +107,10 @@ def _softmax_jvp(axis, primals, tangents):
 def _log_softmax(x: jax.Array, axis: tuple[int, ...],
                  where: jax.Array | None) -> jax.Array:
   x = masked(x, where)
-  z = x - row_shift(x, axis)[1]
+  z = x - row_shift(x, axis)
   s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
   # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
-  return jnp.where(s == 0, -jnp.inf, z - jnp.log(s))
+  return z - jnp.log(mass(s))
 
 
 @_log_softmax.defjvp
@@ -116,7 +125,7 @@ def _log_softmax_jvp(axis, primals, tangents):
 
 
 def _lse_weights(a, b, where, axis):
-  """Shared by logsumexp and its JVP: ``(m, c, e, s)``, ``s = Σ b·e^(a − c)``.
+  """Shared by logsumexp and its JVP: ``(c, e, s)``, ``s = Σ b·e^(a − c)``.
 
   Entries with ``b == 0`` carry no mass (as in ``jax.nn.logsumexp``), so a
   large ``a`` there cannot swamp the shift.
@@ -124,18 +133,18 @@ def _lse_weights(a, b, where, axis):
   if b is not None:
     where = (b != 0) if where is None else where & (b != 0)
   x = masked(a, where)
-  m, c = row_shift(x, axis)
+  c = row_shift(x, axis)
   e = jnp.exp(x - c)
   s = jnp.sum(e if b is None else b * e, axis=axis, keepdims=True)
-  return m, c, e, s
+  return c, e, s
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _logsumexp(a: jax.Array, b: jax.Array | None, where: jax.Array | None,
                axis: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
   """``(log|Σ b·e^a|, sign)`` over ``axis``, both with the axes kept."""
-  m, c, _, s = _lse_weights(a, b, where, axis)
-  return lse_from_parts(m, c, jnp.log(jnp.abs(s))), jnp.sign(s)
+  c, _, s = _lse_weights(a, b, where, axis)
+  return lse_from_parts(c, jnp.abs(s)), jnp.sign(s)
 
 
 @_logsumexp.defjvp
@@ -143,13 +152,14 @@ def _logsumexp_jvp(axis, primals, tangents):
   a, b, where = primals
   da, db, _ = tangents
   out, sign = _logsumexp(a, b, where, axis)
-  _, c, e, s = _lse_weights(a, b, where, axis)
-  q = e / safe_divisor(s)  # e^(a − lse)·sign: softmax when b is None.
+  c, e, s = _lse_weights(a, b, where, axis)
+  inv = 1 / jnp.where(s == 0, 1, s)  # s is signed when b is given
+  q = e * inv  # e^(a − lse)·sign: the softmax when b is None.
   d = q * da if b is None else q * (b * da)
   if b is not None:
     # ∂/∂b_i = e^(a_i − lse)·sign for every unmasked i, including b_i = 0.
     x = masked(a, where)
-    q_all = jnp.exp(x - c) / safe_divisor(s)
+    q_all = jnp.exp(x - c) * inv
     d = d + q_all * db
   dout = jnp.sum(d, axis=axis, keepdims=True)
   return (out, sign), (dout, jnp.zeros_like(sign))
