@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from jsoft import _checks, _rules
-from jsoft._softmax import mass, masked, row_shift
+from jsoft._softmax import masked, mass, row_shift
 
 Axis = int | tuple[int, ...] | None
 _LAST = (-1,)
