@@ -49,7 +49,7 @@ def _bce_fun(static, logits, labels):
   return _bce_fwd(static, logits, labels)[0]
 
 
-_bce = _rules.vjp_rule(_bce_fun, _bce_fwd, _bce_bwd, class_axis=False)
+_bce = _rules.vjp_rule(_bce_fun, _bce_fwd, _bce_bwd)
 
 
 @jax.jit

@@ -126,21 +126,35 @@ def _int_ce_bwd(static, res, ct):
   logits, labels, entries, rows, c, s = res
   x = _entries(logits, entries)
   idx, ok, fill = _label_terms(labels, entries, rows, x.shape[-1])
-  p = jnp.exp(x - c) * (1 / mass(s))[..., None]
-  # y − t: the softmax, minus one at the label (iota == label, no one-hot).
-  is_label = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == (
-      idx[..., None])
-  g = jnp.where(is_label, p - 1, p)
-  g = jnp.where(ok[..., None], g, fill[..., None]) * ct[..., None]
+  # Per-example weight: the cotangent, or NaN for an invalid label.
+  w = ct * jnp.where(ok, 1.0, fill)
+  # y − t: the softmax scaled by w, then −w at each label: a scatter of N
+  # values into the gradient (no one-hot, no per-entry compare).
+  g = jnp.exp(x - c) * (w / mass(s))[..., None]
+  if entries is not None or rows is not None:
+    # Examples without a loss get an exact 0 by select, whatever their
+    # logits hold (0·NaN would be NaN).
+    has = ok | jnp.isnan(fill)
+    g, w = jnp.where(has[..., None], g, 0), jnp.where(has, w, 0)
+  g = _add_at_label(g, idx, -w)
   return g.astype(logits.dtype), None, None, None
+
+
+def _add_at_label(g: jax.Array, idx: jax.Array, v: jax.Array) -> jax.Array:
+  """``g[..., idx] += v`` for every example (a no-op without classes)."""
+  if g.shape[-1] == 0:
+    return g
+  flat = g.reshape(-1, g.shape[-1])
+  flat = flat.at[jnp.arange(flat.shape[0]), idx.reshape(-1)].add(
+      v.reshape(-1).astype(g.dtype))
+  return flat.reshape(g.shape)
 
 
 def _int_ce_fun(static, logits, labels, entries, rows):
   return _int_ce_fwd(static, logits, labels, entries, rows)[0]
 
 
-_int_ce = _rules.vjp_rule(_int_ce_fun, _int_ce_fwd, _int_ce_bwd,
-                          class_axis=True)
+_int_ce = _rules.vjp_rule(_int_ce_fun, _int_ce_fwd, _int_ce_bwd)
 
 
 # -------------------------------------------------- probability-label kernel
@@ -160,18 +174,20 @@ def _ce_parts(logits, labels, entries):
 def _ce_fwd(static, logits, labels, entries, rows):
   del static
   x, t, c, s = _ce_parts(logits, labels, entries)
-  big = float(jnp.finfo(x.dtype).max)
-  # Σ t·(log s − (x − c)) = Σ t·(−log softmax), with x − c clamped finite so
-  # that a zero target on a −inf logit adds 0·finite = 0, not 0·inf = NaN.
-  # (x + (−c) is x − c exactly; spelled differently from the sum above so
-  # that XLA does not share, and so materialise, an [N, C] broadcast of c.)
-  loss = jnp.sum(
-      t * (jnp.log(mass(s)) - jnp.maximum(x + (-c), -big)), axis=-1)
-  # Target mass on −inf logits makes the loss +inf. 1 − min(4·e^(x/big), 1)
-  # is exactly 1 at x = −inf and 0 at every finite x (e^(x/big) ≥ e^−1),
-  # written without a compare so that it fuses into the reduction.
-  lost = jnp.sum(t * (1 - jnp.minimum(4 * jnp.exp(x / big), 1)), axis=-1)
-  loss = jnp.where(lost > 0, jnp.inf, loss)
+  info = jnp.finfo(x.dtype)
+  z = x - c
+  # Σ t·(log s − z) = Σ t·(−log softmax), with z clamped to the finite range
+  # so that a zero target on a −inf logit adds 0·finite = 0, not 0·inf = NaN.
+  zc = jnp.maximum(z, -float(info.max))
+  # Positive target mass on a −inf logit makes the loss +inf: zc − z is 0 at
+  # every finite z and +inf at z = −inf; capped at 2^127, times t, then
+  # times 2^127 again, it stays 0 for t = 0 and overflows to +inf for any
+  # normal t > 0. (No compare or select: the whole sum is one fused pass.)
+  # Constant under autodiff (its derivative is 0 wherever it is finite, and
+  # its huge partials would swamp the others in reverse mode).
+  scale = 2.0 ** (info.maxexp - 1)
+  lost = lax.stop_gradient((t * jnp.minimum(zc - z, scale)) * scale)
+  loss = jnp.sum(t * (jnp.log(mass(s)) - zc) + lost, axis=-1)
   if rows is not None:
     loss = jnp.where(rows, loss, 0)
   return loss, (logits, labels, entries, rows)
@@ -201,7 +217,7 @@ def _ce_fun(static, logits, labels, entries, rows):
   return _ce_fwd(static, logits, labels, entries, rows)[0]
 
 
-_ce = _rules.vjp_rule(_ce_fun, _ce_fwd, _ce_bwd, class_axis=True)
+_ce = _rules.vjp_rule(_ce_fun, _ce_fwd, _ce_bwd)
 
 
 # -------------------------------------------------------------- public API
