@@ -7,7 +7,7 @@ For a logit ``x`` and a target probability ``t``,
     = t\,\operatorname{softplus}(-x) + (1 - t)\operatorname{softplus}(x),
 
 using ``log(1 - σ(x)) = log σ(-x) = -softplus(x)``. A term whose weight
-(``t`` or ``1 - t``) is exactly 0 is left out, so the loss is exact at
+(``t`` or ``1 - t``) is exactly 0 contributes 0, so the loss is exact at
 ``±inf`` where every peer returns NaN: ``L(+inf, 1) = L(-inf, 0) = 0`` and
 ``L(+inf, 0) = +inf``. The gradient is
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jsoft import _checks, _rules
 from jsoft._sigmoid import sigmoid_pair, softplus_pair
@@ -30,18 +31,34 @@ from jsoft._sigmoid import sigmoid_pair, softplus_pair
 
 def _bce_fwd(static, logits, labels):
   del static
-  sp_pos, sp_neg = softplus_pair(logits)  # −log σ(−x), −log σ(x)
-  loss = (jnp.where(labels == 0, 0, labels * sp_neg)
-          + jnp.where(labels == 1, 0, (1 - labels) * sp_pos))
-  return loss, (logits, labels)
+  x, t = logits, labels
+  sp_pos, sp_neg = softplus_pair(x)  # −log σ(−x), −log σ(x): +inf at ∓inf
+  info = jnp.finfo(x.dtype)
+  # t·softplus(−x) + (1 − t)·softplus(x) with each softplus capped at the
+  # largest float, so a weight of exactly 0 on an infinite softplus adds
+  # 0·finite = 0 (not NaN) ...
+  a, b = jnp.minimum(sp_neg, float(info.max)), jnp.minimum(sp_pos, float(
+      info.max))
+  # ... while any positive weight on one makes the loss +inf: sp − cap is 0
+  # when finite and +inf when not; capped at 2^127, times the weight, times
+  # 2^127 again it overflows for any normal weight > 0 and stays 0 for a
+  # zero weight. No compares, so a reduction of the loss fuses with it; a
+  # constant under autodiff (its derivative is 0 wherever it is finite).
+  scale = 2.0 ** (info.maxexp - 1)
+  infinite = lax.stop_gradient(
+      (t * jnp.minimum(sp_neg - a, scale)) * scale
+      + ((1 - t) * jnp.minimum(sp_pos - b, scale)) * scale)
+  return t * a + (1 - t) * b + infinite, (logits, labels)
 
 
 def _bce_bwd(static, res, ct):
   del static
-  logits, labels = res
-  sig, sig_neg = sigmoid_pair(logits)
-  g_logits = ((1 - labels) * sig - labels * sig_neg) * ct
-  g_labels = -logits * ct  # ∂L/∂t = softplus(−x) − softplus(x) = −x
+  x, t = res
+  # σ(x) − t = (1 − t)·σ(x) − t·σ(−x): neither t = 0 nor t = 1 cancels
+  # digits, and both sigmoids keep full precision in their tails.
+  sig, sig_neg = sigmoid_pair(x)
+  g_logits = ((1 - t) * sig - t * sig_neg) * ct
+  g_labels = -x * ct  # ∂L/∂t = softplus(−x) − softplus(x) = −x
   return g_logits, g_labels
 
 

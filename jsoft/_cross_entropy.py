@@ -128,26 +128,22 @@ def _int_ce_bwd(static, res, ct):
   idx, ok, fill = _label_terms(labels, entries, rows, x.shape[-1])
   # Per-example weight: the cotangent, or NaN for an invalid label.
   w = ct * jnp.where(ok, 1.0, fill)
-  # y − t: the softmax scaled by w, then −w at each label: a scatter of N
-  # values into the gradient (no one-hot, no per-entry compare).
-  g = jnp.exp(x - c) * (w / mass(s))[..., None]
+  # y − t: the softmax scaled by w, minus w at the label (iota == label: no
+  # one-hot array). One elementwise pass that reads only the logits, so XLA
+  # writes the gradient into their buffer when they die here (an LM head's
+  # h @ W): no second [N, C] buffer. x + (−c) is x − c exactly, spelled so
+  # that XLA does not share exp(x − c) with the forward's sum, which would
+  # materialise it and keep the logits alive.
+  p = jnp.exp(x + (-c)) * (w / mass(s))[..., None]
+  is_label = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == (
+      idx[..., None])
+  g = jnp.where(is_label, p - w[..., None], p)
   if entries is not None or rows is not None:
     # Examples without a loss get an exact 0 by select, whatever their
     # logits hold (0·NaN would be NaN).
     has = ok | jnp.isnan(fill)
-    g, w = jnp.where(has[..., None], g, 0), jnp.where(has, w, 0)
-  g = _add_at_label(g, idx, -w)
+    g = jnp.where(has[..., None], g, 0)
   return g.astype(logits.dtype), None, None, None
-
-
-def _add_at_label(g: jax.Array, idx: jax.Array, v: jax.Array) -> jax.Array:
-  """``g[..., idx] += v`` for every example (a no-op without classes)."""
-  if g.shape[-1] == 0:
-    return g
-  flat = g.reshape(-1, g.shape[-1])
-  flat = flat.at[jnp.arange(flat.shape[0]), idx.reshape(-1)].add(
-      v.reshape(-1).astype(g.dtype))
-  return flat.reshape(g.shape)
 
 
 def _int_ce_fun(static, logits, labels, entries, rows):
@@ -197,7 +193,7 @@ def _ce_bwd(static, res, ct):
   del static
   logits, labels, entries, rows = res
   x, t, c, s = _ce_parts(logits, labels, entries)
-  z = x - c
+  z = x + (-c)  # x − c, not shared with the forward (see _int_ce_bwd)
   ct = ct[..., None]
   # y − t, for targets of any total mass: softmax·Σt − t.
   p = jnp.exp(z) / mass(s)

@@ -1,0 +1,243 @@
+"""Benchmark cases: what is measured, on which inputs, by whom.
+
+A case is one function, one shape, one dtype and one mode, named
+``{fn}_{shape}_{dtype}_{mode}`` (e.g. ``ce_int_4096x32000_float32_vg``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import peers
+
+# name -> (N, C), or (N, D, V) for the LM head.
+SHAPES = {
+    "tiny": (4, 5),
+    "small": (8, 10),
+    "medium": (1024, 1000),
+    "large": (4096, 32000),
+}
+LM_HEAD = {
+    "tiny": (4, 3, 5),
+    "quick": (512, 128, 8192),
+    "full": (2048, 256, 32000),
+}
+DTYPES = ("float32", "bfloat16")
+MODES = ("fwd", "vg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  fn: str
+  dims: tuple[int, ...]
+  dtype: str
+  mode: str
+
+  @property
+  def name(self) -> str:
+    dims = "x".join(map(str, self.dims))
+    return f"{self.fn}_{dims}_{self.dtype}_{self.mode}"
+
+  @property
+  def shape_label(self) -> str:
+    if self.fn == "lm_head":
+      return "lm_head"
+    return next((k for k, v in SHAPES.items() if v == self.dims), "custom")
+
+
+def make_cases(fns, shapes, dtypes, lm_head: str | None) -> list[Case]:
+  """Every combination asked for; ``lm_head`` picks the LM-head size."""
+  out = []
+  for fn, shape, dtype, mode in itertools.product(
+      [f for f in fns if f != "lm_head"], shapes, dtypes, MODES):
+    out.append(Case(fn, SHAPES[shape], dtype, mode))
+  if "lm_head" in fns and lm_head is not None:
+    for dtype in dtypes:
+      out.append(Case("lm_head", LM_HEAD[lm_head], dtype, "vg"))
+  return out
+
+
+# ----------------------------------------------------------------- inputs
+
+
+def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+  """Host (NumPy, float32/int32) inputs; ``scale`` multiplies the logits
+  (or the head weights), 1000 for the overflow check."""
+  rng = np.random.default_rng(0)
+  if case.fn == "lm_head":
+    n, d, v = case.dims
+    h = rng.normal(size=(n, d)).astype(np.float32)
+    w = (scale * rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
+    return h, w, rng.integers(0, v, size=n).astype(np.int32)
+  n, c = case.dims
+  x = (scale * 3 * rng.normal(size=(n, c))).astype(np.float32)
+  if case.fn == "ce_int":
+    return x, rng.integers(0, c, size=n).astype(np.int32)
+  if case.fn == "ce_prob":
+    t = rng.random(size=(n, c)).astype(np.float32)
+    return x, t / t.sum(-1, keepdims=True)
+  if case.fn == "bce":
+    return x, rng.integers(0, 2, size=(n, c)).astype(np.float32)
+  if case.mode == "vg":  # the activations' cotangent
+    out_shape = (n,) if case.fn == "logsumexp" else (n, c)
+    return x, rng.normal(size=out_shape).astype(np.float32)
+  return (x,)
+
+
+def _float_inputs(case: Case) -> tuple[int, ...]:
+  """Which inputs carry the case dtype (the rest stay float32/int32)."""
+  if case.fn == "lm_head":
+    return (0, 1)
+  if case.fn in ("ce_prob", "bce"):
+    return (0, 1)
+  return (0,)
+
+
+def to_jax(case: Case, host: tuple[np.ndarray, ...]) -> tuple[jax.Array, ...]:
+  dtype = jnp.dtype(case.dtype)
+  return tuple(
+      jnp.asarray(a, dtype) if i in _float_inputs(case) else jnp.asarray(a)
+      for i, a in enumerate(host))
+
+
+def to_torch(case: Case, host: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
+  import torch  # noqa: PLC0415
+  dtype = getattr(torch, case.dtype)
+  out = []
+  for i, a in enumerate(host):
+    if i in _float_inputs(case):
+      t = torch.tensor(a, dtype=dtype)
+    else:
+      t = torch.tensor(a, dtype=torch.int64 if a.dtype.kind == "i" else
+                       torch.float32)
+    grad_input = 1 if case.fn == "lm_head" else 0
+    if case.mode == "vg" and i == grad_input:
+      t.requires_grad_(True)
+    out.append(t)
+  return tuple(out)
+
+
+# ----------------------------------------------------------------- impls
+
+
+@dataclasses.dataclass
+class Impl:
+  """One peer's implementation of one case, with its inputs bound."""
+
+  peer: str
+  call: Callable[[], Any]           # runs once and waits for the result
+  jitted: Any = None                 # the jax.jit object (compile, memory)
+  args: tuple[Any, ...] = ()
+  eager: Callable[[], Any] | None = None   # the same work, not jitted
+  extreme: Callable[[], Any] | None = None  # the same on inputs × 1000
+
+
+def _block(out):
+  return jax.block_until_ready(out)
+
+
+def floor_impl(case: Case, args: tuple[jax.Array, ...], out_avals) -> Impl:
+  """A jitted read + write of fresh buffers of the case's sizes.
+
+  Reads the largest float input once and writes an array of the largest
+  output's shape (``x + 1`` when the shapes agree, a row sum otherwise):
+  the least work any implementation of the case can do.
+  """
+  big_out = max(jax.tree.leaves(out_avals), key=lambda a: a.size)
+  x_index = max((i for i, a in enumerate(args)
+                 if jnp.issubdtype(a.dtype, jnp.floating)),
+                key=lambda i: args[i].size)
+
+  def floor(*a):
+    x = a[x_index]
+    if x.shape == big_out.shape:
+      return (x + 1).astype(big_out.dtype)
+    flat = x.reshape(big_out.shape + (-1,)) if big_out.shape else x.ravel()
+    return jnp.sum(flat, axis=-1).astype(big_out.dtype)
+
+  jitted = jax.jit(floor)
+  return Impl("floor", lambda: _block(jitted(*args)), jitted, args)
+
+
+def inplace_floor_impl(case: Case, args: tuple[jax.Array, ...],
+                       out_avals) -> Impl | None:
+  """``x + 1`` into the buffer it reads (donated): the floor without the
+  cost of a fresh output buffer (on CPU, mostly page faults). Only where
+  the largest output has the largest input's shape; a diagnostic."""
+  big_out = max(jax.tree.leaves(out_avals), key=lambda a: a.size)
+  x = max((a for a in args if jnp.issubdtype(a.dtype, jnp.floating)),
+          key=lambda a: a.size)
+  if x.shape != big_out.shape:
+    return None
+  step = jax.jit(lambda x: x + 1, donate_argnums=0)
+  state = [x + 0]
+
+  def call():
+    state[0] = _block(step(state[0]))
+
+  return Impl("floor, in place", call)
+
+
+def build(case: Case, available: dict[str, str | None]) -> tuple[
+    dict[str, Impl], dict[str, str]]:
+  """The implementations of ``case``, and why the others are missing.
+
+  ``available`` maps each peer to None (usable) or the reason it is not.
+  """
+  host = make_inputs(case)
+  extreme_host = make_inputs(case, scale=1000.0)
+  impls: dict[str, Impl] = {}
+  missing: dict[str, str] = {}
+  for peer in peers.PEERS:
+    if available.get(peer):
+      missing[peer] = str(available[peer])
+      continue
+    if peer == "naive-numpy":
+      fn = peers.numpy_impl(case.fn, case.mode)
+      if case.dtype != "float32":
+        missing[peer] = "NumPy has no bfloat16 arithmetic"
+        continue
+      impls[peer] = Impl(peer, _bind(fn, host), extreme=_bind(fn, extreme_host))
+    elif peer == "torch":
+      fn = peers.torch_impl(case.fn, case.mode)
+      if fn is None:
+        missing[peer] = "no such case"
+        continue
+      targs, xargs = to_torch(case, host), to_torch(case, extreme_host)
+      impls[peer] = Impl(peer, _bind(fn, targs), extreme=_bind(fn, xargs))
+    else:
+      jitted = peers.jax_impl(peer, case.fn, case.mode)
+      if jitted is None:
+        missing[peer] = f"{peer} has no {case.fn}"
+        continue
+      args = to_jax(case, host)
+      xargs = to_jax(case, extreme_host)
+      eager = jitted.__wrapped__
+      impls[peer] = Impl(
+          peer, lambda j=jitted, a=args: _block(j(*a)), jitted, args,
+          eager=lambda e=eager, a=args: _block(e(*a)),
+          extreme=lambda j=jitted, a=xargs: _block(j(*a)))
+  return impls, missing
+
+
+def _bind(fn, args):
+  return lambda: fn(*args)
+
+
+def finite(out: Any) -> bool:
+  """True if every float in ``out`` (arrays of any library) is finite."""
+  leaves = out if isinstance(out, (tuple, list)) else (out,)
+  for leaf in leaves:
+    if hasattr(leaf, "detach"):
+      leaf = leaf.detach().float().numpy()
+    arr = np.asarray(leaf, dtype=np.float64)
+    if not np.isfinite(arr).all():
+      return False
+  return True

@@ -1,0 +1,243 @@
+"""Every implementation the benchmark compares, by peer and function.
+
+Functions (``fn``) and their inputs:
+
+=============  ==================  =========================================
+fn             inputs              forward output
+=============  ==================  =========================================
+softmax        x [N, C]            [N, C]
+log_softmax    x [N, C]            [N, C]
+logsumexp      x [N, C]            [N]
+sigmoid        x [N, C]            [N, C]
+ce_int         x [N, C], y [N]     per-example integer-label cross-entropy
+ce_prob        x [N, C], t [N, C]  per-example probability-label CE
+bce            x [N, C], t [N, C]  element-wise sigmoid binary CE
+lm_head        h [N, D], W [D, V], y [N]   mean CE of ``h @ W`` (a step)
+=============  ==================  =========================================
+
+Mode ``fwd`` computes the output; mode ``vg`` computes a scalar and its
+gradient: ``Σ out·ct`` for the activations (``ct`` a fixed random cotangent,
+passed as an input), the mean loss for the losses, both with respect to
+``x`` (``W`` for ``lm_head``, which has only mode ``vg``).
+
+Peers: ``jsoft``; ``jax.nn`` (the activations, and the losses composed from
+``jax.nn.log_softmax``/``log_sigmoid``); ``optax`` (the losses);
+``naive-jnp`` and ``naive-numpy``, the blog post's formulas
+(``exp(x)/Σexp(x)``, ``1/(1+exp(-x))``, ``-log softmax``) which overflow, the
+NumPy one with the hand-derived gradients (``y - t``); ``torch`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsoft
+
+ACTIVATIONS = ("softmax", "log_softmax", "logsumexp", "sigmoid")
+LOSSES = ("ce_int", "ce_prob", "bce")
+FNS = ACTIVATIONS + LOSSES + ("lm_head",)
+PEERS = ("jsoft", "jax.nn", "optax", "naive-jnp", "naive-numpy", "torch")
+
+
+# -------------------------------------------------------------------- JAX
+
+
+def _take(logp, y):
+  return jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+
+
+def _naive_softmax(x):
+  e = jnp.exp(x)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _naive_sigmoid(x):
+  return 1 / (1 + jnp.exp(-x))
+
+
+def _jax_forwards(peer: str) -> dict[str, Callable[..., jax.Array]]:
+  """Forward functions of the JAX-based peers (``lm_head`` excluded)."""
+  if peer == "jsoft":
+    return {
+        "softmax": jsoft.softmax,
+        "log_softmax": jsoft.log_softmax,
+        "logsumexp": functools.partial(jsoft.logsumexp, axis=-1),
+        "sigmoid": jsoft.sigmoid,
+        "ce_int": jsoft.softmax_cross_entropy_with_integer_labels,
+        "ce_prob": jsoft.softmax_cross_entropy,
+        "bce": jsoft.sigmoid_binary_cross_entropy,
+    }
+  if peer == "jax.nn":
+    ls = jax.nn.log_sigmoid
+    return {
+        "softmax": jax.nn.softmax,
+        "log_softmax": jax.nn.log_softmax,
+        "logsumexp": functools.partial(jax.nn.logsumexp, axis=-1),
+        "sigmoid": jax.nn.sigmoid,
+        "ce_int": lambda x, y: -_take(jax.nn.log_softmax(x), y),
+        "ce_prob": lambda x, t: -jnp.sum(t * jax.nn.log_softmax(x), -1),
+        "bce": lambda x, t: -(t * ls(x) + (1 - t) * ls(-x)),
+    }
+  if peer == "optax":
+    import optax  # noqa: PLC0415
+    return {
+        "ce_int": optax.softmax_cross_entropy_with_integer_labels,
+        "ce_prob": optax.softmax_cross_entropy,
+        "bce": optax.sigmoid_binary_cross_entropy,
+    }
+  if peer == "naive-jnp":
+    def bce(x, t):
+      s = _naive_sigmoid(x)
+      return -(t * jnp.log(s) + (1 - t) * jnp.log(1 - s))
+    return {
+        "softmax": _naive_softmax,
+        "log_softmax": lambda x: jnp.log(_naive_softmax(x)),
+        "logsumexp": lambda x: jnp.log(jnp.sum(jnp.exp(x), -1)),
+        "sigmoid": _naive_sigmoid,
+        "ce_int": lambda x, y: -jnp.log(_take(_naive_softmax(x), y)),
+        "ce_prob": lambda x, t: -jnp.sum(t * jnp.log(_naive_softmax(x)), -1),
+        "bce": bce,
+    }
+  raise ValueError(peer)
+
+
+def _lm_head_loss(peer: str) -> Callable[..., jax.Array] | None:
+  ce = _jax_forwards(peer).get("ce_int")
+  if ce is None:
+    return None
+  return lambda h, w, y: jnp.mean(ce(h @ w, y).astype(jnp.float32))
+
+
+def jax_impl(peer: str, fn: str, mode: str) -> Callable[..., Any] | None:
+  """The jitted case function of a JAX peer, or None if it has none."""
+  if fn == "lm_head":
+    loss = _lm_head_loss(peer)
+    if loss is None or mode != "vg":
+      return None
+    return jax.jit(jax.value_and_grad(loss, argnums=1))
+  f = _jax_forwards(peer).get(fn)
+  if f is None:
+    return None
+  if mode == "fwd":
+    return jax.jit(f)
+  if fn in ACTIVATIONS:
+    def scalar(x, ct):
+      return jnp.sum(f(x).astype(jnp.float32) * ct)
+  else:
+    def scalar(x, other):
+      return jnp.mean(f(x, other).astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(scalar))
+
+
+# ------------------------------------------------------------------ NumPy
+
+
+def _np_softmax(x):
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
+  """The blog post's NumPy formulas, with the hand-derived gradients."""
+
+  def onehot_minus(p, y):
+    g = p.copy()
+    g[np.arange(len(y)), y] -= 1
+    return g
+
+  fwd = {
+      "softmax": _np_softmax,
+      "log_softmax": lambda x: np.log(_np_softmax(x)),
+      "logsumexp": lambda x: np.log(np.exp(x).sum(-1)),
+      "sigmoid": _np_sigmoid,
+      "ce_int": lambda x, y: -np.log(_np_softmax(x)[np.arange(len(y)), y]),
+      "ce_prob": lambda x, t: -(t * np.log(_np_softmax(x))).sum(-1),
+      "bce": lambda x, t: -(t * np.log(_np_sigmoid(x))
+                            + (1 - t) * np.log(1 - _np_sigmoid(x))),
+  }
+
+  def vg(x, other):
+    if fn == "softmax":
+      y = _np_softmax(x)
+      return (y * other).sum(), y * (other - (y * other).sum(-1, keepdims=True))
+    if fn == "log_softmax":
+      y = _np_softmax(x)
+      return ((np.log(y) * other).sum(),
+              other - y * other.sum(-1, keepdims=True))
+    if fn == "logsumexp":
+      return ((np.log(np.exp(x).sum(-1)) * other).sum(),
+              _np_softmax(x) * other[:, None])
+    if fn == "sigmoid":
+      s = _np_sigmoid(x)
+      return (s * other).sum(), s * (1 - s) * other
+    n = x.shape[0] if fn != "bce" else x.size
+    loss = fwd[fn](x, other).mean()
+    if fn == "ce_int":  # the blog post's y − t
+      return loss, onehot_minus(_np_softmax(x), other) / n
+    if fn == "ce_prob":
+      return loss, (_np_softmax(x) - other) / n
+    return loss, (_np_sigmoid(x) - other) / n  # bce
+
+  def lm_head(h, w, y):
+    p = _np_softmax(h @ w)
+    loss = -np.log(p[np.arange(len(y)), y]).mean()
+    return loss, h.T @ (onehot_minus(p, y) / len(y))
+
+  if fn == "lm_head":
+    return lm_head if mode == "vg" else None
+  return fwd[fn] if mode == "fwd" else vg
+
+
+# ------------------------------------------------------------------ torch
+
+
+def torch_impl(fn: str, mode: str) -> Callable[..., Any] | None:
+  """PyTorch on the CPU; ``vg`` through ``torch.autograd.grad``."""
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: N812, PLC0415
+
+  fwd = {
+      "softmax": lambda x: torch.softmax(x, -1),
+      "log_softmax": lambda x: torch.log_softmax(x, -1),
+      "logsumexp": lambda x: torch.logsumexp(x, -1),
+      "sigmoid": torch.sigmoid,
+      "ce_int": lambda x, y: F.cross_entropy(x, y, reduction="none"),
+      "ce_prob": lambda x, t: F.cross_entropy(x, t, reduction="none"),
+      "bce": lambda x, t: F.binary_cross_entropy_with_logits(
+          x, t, reduction="none"),
+  }
+  if fn == "lm_head":
+    if mode != "vg":
+      return None
+
+    def step(h, w, y):
+      loss = F.cross_entropy((h @ w).float(), y)
+      return loss, torch.autograd.grad(loss, w)[0]
+
+    return step
+  f = fwd[fn]
+  if mode == "fwd":
+    def run(*args):
+      with torch.no_grad():
+        return f(*args)
+    return run
+
+  def vg(x, other):
+    out = f(x) if fn in ACTIVATIONS else f(x, other)
+    if fn in ACTIVATIONS:
+      value = (out.float() * other).sum()
+    else:
+      value = out.float().mean()
+    return value, torch.autograd.grad(value, x)[0]
+
+  return vg
