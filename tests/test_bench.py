@@ -1,0 +1,81 @@
+"""Smoke test: the benchmark runs end to end on tiny shapes.
+
+No timing assertions: only that every case, peer, metric and output file
+is produced, and that the overflow check tells the naive formulas apart.
+"""
+
+import json
+
+import pytest
+
+from bench import cli
+from bench.peers import FNS
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  payload = cli.main(["--shapes", "tiny", "--lm-head", "tiny", "--dtype",
+                      "float32", "--rounds", "2", "--json",
+                      str(out / "r.json"), "--plot", str(out / "r.png")])
+  return payload, out
+
+
+def test_every_case_runs(run):
+  payload, _ = run
+  names = [c["name"] for c in payload["cases"]]
+  assert len(names) == 2 * (len(FNS) - 1) + 1  # fwd and vg, one LM head
+  assert "ce_int_4x5_float32_vg" in names
+  assert "lm_head_4x3x5_float32_vg" in names
+
+
+def test_metrics_per_implementation(run):
+  payload, _ = run
+  for case in payload["cases"]:
+    jsoft, floor = case["results"]["jsoft"], case["results"]["floor"]
+    for key in ("median_ms", "p25_ms", "p75_ms", "compile_ms", "temp_bytes",
+                "output_bytes", "eager_ms", "ratio_to_floor"):
+      assert key in jsoft, (case["name"], key)
+    assert jsoft["median_ms"] > 0 and floor["median_ms"] > 0
+    assert jsoft["finite_on_extremes"] is True
+    for peer, r in case["results"].items():
+      if peer not in ("jsoft", "floor", "floor, in place"):
+        assert r["ratio_to_jsoft"] > 0
+
+
+def test_naive_formulas_overflow(run):
+  payload, _ = run
+  ce = next(c for c in payload["cases"] if c["name"] ==
+            "ce_int_4x5_float32_fwd")
+  assert ce["results"]["naive-jnp"]["finite_on_extremes"] is False
+  assert ce["results"]["naive-numpy"]["finite_on_extremes"] is False
+  assert ce["results"]["optax"]["finite_on_extremes"] is True
+
+
+def test_missing_peers_are_reported(run):
+  payload, _ = run
+  softmax = next(c for c in payload["cases"] if c["fn"] == "softmax")
+  assert "optax" in softmax["missing"]  # optax has no softmax
+  for case in payload["cases"]:
+    assert "torch" in case["results"] or "torch" in case["missing"]
+
+
+def test_outputs_written(run):
+  payload, out = run
+  on_disk = json.loads((out / "r.json").read_text())
+  assert on_disk["machine"]["backend"] == "cpu"
+  assert on_disk["machine"]["cores"] >= 1
+  assert len(on_disk["cases"]) == len(payload["cases"])
+  assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_and_bad_arguments(capsys):
+  payload = cli.main(["--shapes", "tiny", "--dtype", "float32",
+                      "--lm-head", "none", "--only", "sigmoid_4x5_float32_fwd",
+                      "--rounds", "1", "--no-eager"])
+  assert [c["name"] for c in payload["cases"]] == ["sigmoid_4x5_float32_fwd"]
+  assert "sigmoid_4x5_float32_fwd" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="unknown shape"):
+    cli.main(["--shapes", "huge"])
+  with pytest.raises(SystemExit, match="no case matches"):
+    cli.main(["--shapes", "tiny", "--only", "nothing"])
