@@ -21,20 +21,25 @@ and finite for every ``x``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jsoft import _checks, _rules
+from jsoft._cross_entropy import reduce
 from jsoft._sigmoid import sigmoid_pair, softplus_pair
 
 
-def _bce_fwd(static, logits, labels):
+def _bce_fwd(static, logits, labels, pos_weight):
   del static
   x, t = logits, labels
+  # The weight on −log σ(x): t, or pos_weight·t (torch's pos_weight).
+  tp = t if pos_weight is None else pos_weight * t
   sp_pos, sp_neg = softplus_pair(x)  # −log σ(−x), −log σ(x): +inf at ∓inf
   info = jnp.finfo(x.dtype)
-  # t·softplus(−x) + (1 − t)·softplus(x) with each softplus capped at the
+  # tp·softplus(−x) + (1 − t)·softplus(x) with each softplus capped at the
   # largest float, so a weight of exactly 0 on an infinite softplus adds
   # 0·finite = 0 (not NaN) ...
   a, b = jnp.minimum(sp_neg, float(info.max)), jnp.minimum(sp_pos, float(
@@ -46,70 +51,112 @@ def _bce_fwd(static, logits, labels):
   # constant under autodiff (its derivative is 0 wherever it is finite).
   scale = 2.0 ** (info.maxexp - 1)
   infinite = lax.stop_gradient(
-      (t * jnp.minimum(sp_neg - a, scale)) * scale
+      (tp * jnp.minimum(sp_neg - a, scale)) * scale
       + ((1 - t) * jnp.minimum(sp_pos - b, scale)) * scale)
-  return t * a + (1 - t) * b + infinite, (logits, labels)
+  return tp * a + (1 - t) * b + infinite, (logits, labels, pos_weight)
 
 
 def _bce_bwd(static, res, ct):
   del static
-  x, t = res
+  x, t, pos_weight = res
+  tp = t if pos_weight is None else pos_weight * t
   # σ(x) − t = (1 − t)·σ(x) − t·σ(−x): neither t = 0 nor t = 1 cancels
-  # digits, and both sigmoids keep full precision in their tails.
+  # digits, and both sigmoids keep full precision in their tails. With a
+  # positive weight p the target term is p·t·σ(−x).
   sig, sig_neg = sigmoid_pair(x)
-  g_logits = ((1 - t) * sig - t * sig_neg) * ct
-  g_labels = -x * ct  # ∂L/∂t = softplus(−x) − softplus(x) = −x
-  return g_logits, g_labels
+  g_logits = ((1 - t) * sig - tp * sig_neg) * ct
+  if pos_weight is None:
+    g_labels = -x * ct  # ∂L/∂t = softplus(−x) − softplus(x) = −x
+  else:
+    sp_pos, sp_neg = softplus_pair(x)
+    g_labels = (pos_weight * sp_neg - sp_pos) * ct
+  return g_logits, g_labels, None
 
 
-def _bce_fun(static, logits, labels):
-  return _bce_fwd(static, logits, labels)[0]
+def _bce_fun(static, logits, labels, pos_weight):
+  return _bce_fwd(static, logits, labels, pos_weight)[0]
 
 
 _bce = _rules.vjp_rule(_bce_fun, _bce_fwd, _bce_bwd)
 
 
-@jax.jit
-def _bce_jit(logits, labels):
+def _broadcast(x, shape, fn, what):
+  try:
+    return jnp.broadcast_to(x, shape)
+  except ValueError:
+    raise ValueError(
+        f"jsoft.{fn}: {what} of shape {tuple(x.shape)} does not broadcast to "
+        f"the loss shape {tuple(shape)}.") from None
+
+
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def _bce_jit(logits, labels, pos_weight, where, reduction):
   fn = "sigmoid_binary_cross_entropy"
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _checks.floating(logits, fn, "logits")
   labels = _checks.real(labels, fn, "labels")
   shape = _checks.broadcast_shape([logits.shape, labels.shape], fn,
                                   "logits and labels")
-  _checks.finite(logits, fn, "logits")
-  _checks.finite(labels, fn, "labels")
+  mask = _checks.mask(where, shape, fn)
   dtype = _checks.compute_dtype(logits.dtype)
   x = jnp.broadcast_to(logits.astype(dtype), shape)
   t = jnp.broadcast_to(labels.astype(dtype), shape)
-  return _bce(None, x, t)
+  _checks.finite(x, fn, "logits", mask)
+  _checks.finite(t, fn, "labels", mask)
+  if pos_weight is not None:
+    pos_weight = _checks.real(jnp.asarray(pos_weight), fn, "pos_weight")
+    pos_weight = lax.stop_gradient(
+        _broadcast(pos_weight.astype(dtype), shape, fn, "pos_weight"))
+  if mask is not None:
+    # Masked entries are computed on (0, 0) and then zeroed by select: an
+    # exact 0 in the loss and in both gradients, whatever they held.
+    x, t = jnp.where(mask, x, 0), jnp.where(mask, t, 0)
+  loss = _bce(None, x, t, pos_weight)
+  if mask is not None:
+    loss = jnp.where(mask, loss, 0)
+  return reduce(loss, reduction, mask)
 
 
-def sigmoid_binary_cross_entropy(logits: jax.typing.ArrayLike,
-                                 labels: jax.typing.ArrayLike) -> jax.Array:
+def sigmoid_binary_cross_entropy(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, *,
+    pos_weight: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    reduction: str = "none") -> jax.Array:
   r"""Element-wise sigmoid cross-entropy: a drop-in for
-  :func:`optax.sigmoid_binary_cross_entropy`.
+  :func:`optax.sigmoid_binary_cross_entropy`, with the options of
+  :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
 
   .. math::
-    L = t\,\operatorname{softplus}(-x) + (1 - t)\operatorname{softplus}(x)
-      = -t\log\sigma(x) - (1 - t)\log\sigma(-x),
+    L = p\,t\,\operatorname{softplus}(-x) + (1 - t)\operatorname{softplus}(x)
+      = -p\,t\log\sigma(x) - (1 - t)\log\sigma(-x),
 
-  with ``log(1 - σ(x))`` taken as ``log σ(-x)`` (no cancellation) and zero-
-  weight terms left out, so the loss is exact at ``±inf``:
-  ``L(+inf, 1) = 0``, ``L(-inf, 0) = 0``, ``L(+inf, 0) = +inf``.
+  (``p = 1`` without ``pos_weight``) with ``log(1 - σ(x))`` taken as
+  ``log σ(-x)`` (no cancellation) and zero-weight terms left out, so the
+  loss is exact at ``±inf``: ``L(+inf, 1) = 0``, ``L(-inf, 0) = 0``,
+  ``L(+inf, 0) = +inf``.
 
-  Gradient (the VJP rule): :math:`\partial L/\partial x = \sigma(x) - t`,
-  finite for every ``x``, and :math:`\partial L/\partial t = -x`, scaled by
-  the incoming cotangent. Every autodiff mode works.
+  Gradient (the VJP rule): predicted minus target, :math:`\partial
+  L/\partial x = \sigma(x) - t` (with ``pos_weight``: :math:`(1 - t)\sigma(x)
+  - p\,t\,\sigma(-x)`), finite for every ``x``, and :math:`\partial
+  L/\partial t = p\operatorname{softplus}(-x) - \operatorname{softplus}(x)`
+  (``-x`` for ``p = 1``), scaled by the incoming cotangent. Every autodiff
+  mode works.
 
   Args:
     logits: floating array; 16-bit floats are computed in float32.
     labels: targets in ``[0, 1]`` (bool, int or float), broadcastable with
       ``logits``.
+    pos_weight: weight of the positive term, broadcastable to the loss (as
+      torch's, typically ``[C]`` for ``[..., C]`` logits; a constant: no
+      gradient flows to it).
+    where: optional boolean mask broadcastable to the loss: ``False``
+      entries have loss 0, zero gradient and no share in "mean".
+    reduction: "none" (element-wise), "sum", or "mean" (over the unmasked
+      entries; 0 when there are none).
 
   Returns:
-    The element-wise loss, of the broadcast shape: float32 for 16-bit logits,
-    else the logits' dtype.
+    The element-wise loss, of the broadcast shape, or a scalar: float32 for
+    16-bit logits, else the logits' dtype.
 
   Examples:
     >>> import jax.numpy as jnp, jsoft
@@ -118,4 +165,7 @@ def sigmoid_binary_cross_entropy(logits: jax.typing.ArrayLike,
     >>> print(jsoft.sigmoid_binary_cross_entropy(logits, labels).round(4))
     [0.     0.        inf 0.6931]
   """
-  return _bce_jit(_checks.asarray(logits), _checks.asarray(labels))
+  fn = "sigmoid_binary_cross_entropy"
+  return _bce_jit(_checks.asarray(logits), _checks.asarray(labels),
+                  _checks.asarray(pos_weight), _checks.asarray(where),
+                  _checks.reduction(reduction, fn))

@@ -156,6 +156,78 @@ def example_mask(where: Any, target: Sequence[int], batch: Sequence[int],
   return mask(where, target, fn), None
 
 
+# ---------------------------------------------------------------- options
+#
+# Loss options are compile-time constants: they select which terms a kernel
+# contains, so they are validated once, here, as Python values.
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def static_float(value: Any, fn: str, name: str, *, low: float | None = None,
+                 high: float | None = None, open_low: bool = False) -> float:
+  """A Python float from ``value``, or a clear error.
+
+  Raises ``TypeError`` for a traced or non-numeric value (options are fixed
+  at compile time) and ``ValueError`` outside ``[low, high]`` (``(low, high]``
+  with ``open_low``) or when not finite.
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"jsoft.{fn}: {name} must be a Python number (it is fixed at compile "
+        f"time), got a traced value of shape {jnp.shape(value)}.")
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"jsoft.{fn}: {name} must be a number, got "
+                    f"{value!r}.") from None
+  bad = not np.isfinite(number)
+  if low is not None:
+    bad |= number <= low if open_low else number < low
+  if high is not None:
+    bad |= number > high
+  if bad:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    interval = f"{'(' if open_low or low is None else '['}{lo}, {hi}" + (
+        "]" if high is not None else ")")
+    raise ValueError(f"jsoft.{fn}: {name} must be finite and lie in "
+                     f"{interval}, got {value!r}.")
+  return number
+
+
+def reduction(value: Any, fn: str) -> str:
+  """Checks ``reduction`` is one of "none", "sum", "mean"."""
+  if not isinstance(value, str) or value not in REDUCTIONS:
+    raise ValueError(f"jsoft.{fn}: reduction must be one of "
+                     f"{', '.join(map(repr, REDUCTIONS))}, got {value!r}.")
+  return value
+
+
+def static_int(value: Any, fn: str, name: str) -> int | None:
+  """None, or a Python int (e.g. ``ignore_index``)."""
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+    raise TypeError(f"jsoft.{fn}: {name} must be a Python int or None, got "
+                    f"{value!r}.")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise TypeError(f"jsoft.{fn}: {name} must be a Python int or None, got "
+                    f"{value!r}.") from None
+
+
+def per_class(x: Any, num_classes: int, dtype: Any, fn: str,
+              name: str) -> jax.Array | None:
+  """Checks a per-class array (``class_weights``): real, shape ``[C]``."""
+  if x is None:
+    return None
+  x = real(jnp.asarray(x), fn, name)
+  shape(x, (num_classes,), fn, name, "one entry per class")
+  return jax.lax.stop_gradient(x.astype(dtype))
+
+
 # ------------------------------------------------------------------ value
 
 

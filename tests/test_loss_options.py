@@ -1,0 +1,273 @@
+"""The training options: autodiff modes, dtypes, masks, edge cases, errors.
+
+Values against PyTorch live in test_torch_parity.py; this file needs no
+PyTorch. References are float64 NumPy/SciPy, or the textbook formula in
+jax.nn differentiated by JAX's own autodiff.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special as sp
+from jax.test_util import check_grads
+
+import jsoft
+from tests import helpers
+
+int_ce = jsoft.softmax_cross_entropy_with_integer_labels
+prob_ce = jsoft.softmax_cross_entropy
+bce = jsoft.sigmoid_binary_cross_entropy
+rng = np.random.default_rng(1)
+N, C = 4, 5
+X = rng.normal(scale=2.0, size=(N, C))
+Y = np.array([0, 4, -1, 2])
+W = rng.uniform(0.5, 2.0, size=C)
+P = rng.dirichlet(np.ones(C), size=N)
+T = rng.uniform(size=(N, C))
+
+ALL_INT = dict(ignore_index=-1, label_smoothing=0.1, z_loss=1e-2,
+               logit_soft_cap=3.0, class_weights=W)
+
+
+def _target(y, eps, w):
+  """Torch's weighted smoothed target (1 − ε)·w_y·onehot + ε·w/C, float64."""
+  onehot = np.eye(C)[np.where(y < 0, 0, y)] * (y >= 0)[:, None]
+  return (1 - eps) * w[np.where(y < 0, 0, y)][:, None] * onehot + (
+      eps * w / C) * (y >= 0)[:, None]
+
+
+def _ref_int(x, y, eps=0.0, lam=0.0, cap=None, w=None):
+  """Σ t·(−log softmax(x̃)) + λ·lse(x̃)², kept rows only, float64 NumPy."""
+  z = x if cap is None else cap * np.tanh(x / cap)
+  t = _target(y, eps, np.ones(C) if w is None else w)
+  lse = sp.logsumexp(z, -1)
+  return (-(t * sp.log_softmax(z, -1)).sum(-1) + lam * lse**2) * (y >= 0)
+
+
+# ----------------------------------------------------------- the y − t rule
+
+
+def test_gradient_is_prediction_minus_target():
+  # ∂L/∂x̃ = softmax(x̃)·(Σt + 2λ·lse) − t, times sech²(x/a), from NumPy.
+  eps, lam, cap = 0.1, 1e-2, 3.0
+  g = jax.grad(lambda x: int_ce(x, Y, **ALL_INT).sum())(X)
+  z = cap * np.tanh(X / cap)
+  t = _target(Y, eps, W)
+  lse = sp.logsumexp(z, -1, keepdims=True)
+  expected = sp.softmax(z, -1) * (t.sum(-1, keepdims=True) + 2 * lam * lse) - t
+  expected = expected / np.cosh(X / cap) ** 2 * (Y >= 0)[:, None]
+  np.testing.assert_allclose(g, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_values_match_float64_reference():
+  np.testing.assert_allclose(
+      int_ce(X, Y, **ALL_INT),
+      _ref_int(X, Y, eps=0.1, lam=1e-2, cap=3.0, w=W), rtol=1e-13)
+
+
+# ------------------------------------------------------- every autodiff mode
+
+
+MODES = {
+    "int_all": lambda x: int_ce(x, Y, **ALL_INT),
+    "int_all_mean": lambda x: int_ce(x, Y, **ALL_INT, reduction="mean"),
+    "int_smoothing_entries": lambda x: int_ce(
+        x, np.array([0, 4, 1, 2]), where=X > -1.5, label_smoothing=0.2),
+    "int_cap_only": lambda x: int_ce(x, np.array([0, 4, 1, 2]),
+                                     logit_soft_cap=2.0),
+    "int_z_only": lambda x: int_ce(x, np.array([0, 4, 1, 2]), z_loss=0.05),
+    "prob_all": lambda x: prob_ce(x, P, label_smoothing=0.2, z_loss=1e-2,
+                                  logit_soft_cap=2.5, reduction="mean"),
+    "prob_all_grad_labels": lambda t: prob_ce(X, t, label_smoothing=0.2,
+                                              z_loss=1e-2, logit_soft_cap=2.5),
+    "binary_pos_weight": lambda x: bce(x, T, pos_weight=W, reduction="sum"),
+    "binary_where_mean": lambda x: bce(x, T, pos_weight=W, where=X > 0,
+                                       reduction="mean"),
+    "binary_pos_weight_grad_labels": lambda t: bce(X, t, pos_weight=W),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_check_grads_every_mode(name):
+  arg = P if name.endswith("labels") and "prob" in name else (
+      T if name.endswith("labels") else X)
+  check_grads(MODES[name], (arg,), order=2, modes=("fwd", "rev"))
+
+
+def _ref_all(x):
+  # The textbook formula in jax.nn, differentiated by JAX's autodiff.
+  z = 3.0 * jnp.tanh(x / 3.0)
+  t = jnp.asarray(_target(Y, 0.1, W))
+  lse = jax.nn.logsumexp(z, -1)
+  kept = jnp.asarray(Y >= 0, x.dtype)
+  return (-(t * jax.nn.log_softmax(z)).sum(-1) + 1e-2 * lse**2) * kept
+
+
+def test_hessian_jacfwd_and_hvp_match_autodiff_of_the_formula():
+  f = lambda x: MODES["int_all"](x).sum()  # noqa: E731
+  ref = lambda x: _ref_all(x).sum()  # noqa: E731
+  np.testing.assert_allclose(jax.hessian(f)(X), jax.hessian(ref)(X),
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(jax.jacfwd(MODES["int_all"])(X),
+                             jax.jacrev(_ref_all)(X), rtol=1e-10, atol=1e-12)
+  v = rng.normal(size=X.shape)
+  hvp = jax.jvp(jax.grad(f), (X,), (v,))[1]
+  np.testing.assert_allclose(hvp, jax.jvp(jax.grad(ref), (X,), (v,))[1],
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_matches_a_loop():
+  xs = rng.normal(size=(3, N, C))
+  ys = np.stack([Y, np.roll(Y, 1), np.full(N, -1)])
+  fn = lambda x, y: int_ce(x, y, **ALL_INT, reduction="mean")  # noqa: E731
+  batched = jax.vmap(fn)(xs, ys)
+  looped = [fn(x, y) for x, y in zip(xs, ys, strict=True)]
+  np.testing.assert_allclose(batched, looped, rtol=1e-14)
+  assert batched[2] == 0.0  # all ignored
+
+
+def test_options_under_jit_are_compile_time_constants():
+  @jax.jit
+  def step(x):
+    return int_ce(x, Y, **ALL_INT, reduction="sum")
+
+  np.testing.assert_allclose(step(X), int_ce(X, Y, **ALL_INT).sum(),
+                             rtol=1e-14)
+  with pytest.raises(TypeError, match="label_smoothing must be a Python"):
+    jax.jit(lambda e: int_ce(X, Y, label_smoothing=e))(0.1)
+
+
+# ------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_logits_give_float32_loss_and_own_dtype_gradient(dtype):
+  x = jnp.asarray(X * 4, dtype)
+  loss = int_ce(x, Y, **ALL_INT)
+  assert loss.dtype == jnp.float32
+  expected = _ref_int(np.asarray(x, np.float64), Y, eps=0.1, lam=1e-2,
+                      cap=3.0, w=np.asarray(W, np.float32).astype(np.float64))
+  assert helpers.rel_err(loss, expected) < 1e-5
+  g = jax.grad(lambda x: int_ce(x, Y, **ALL_INT, reduction="mean"))(x)
+  assert g.dtype == dtype
+  for fn in (lambda x: prob_ce(x, P.astype(np.float32), label_smoothing=0.1,
+                               reduction="mean"),
+             lambda x: bce(x, T.astype(np.float32), pos_weight=W.astype(
+                 np.float32), reduction="mean")):
+    assert fn(x).dtype == jnp.float32
+    assert jax.grad(fn)(x).dtype == dtype
+
+
+# -------------------------------------------------- masks and edge cases
+
+
+def test_ignored_and_masked_rows_get_exact_zero_even_with_nan_logits():
+  x = X.copy()
+  x[2] = np.nan  # row 2 is ignored (label -1)
+  x[3] = np.inf
+  where = np.array([True, True, True, False])
+  loss, grad = jax.value_and_grad(
+      lambda x: int_ce(x, Y, where=where, **ALL_INT, reduction="sum"))(x)
+  assert np.isfinite(loss)
+  assert np.all(np.asarray(grad)[2:] == 0)
+  np.testing.assert_allclose(
+      loss, _ref_int(X[:2], Y[:2], 0.1, 1e-2, 3.0, W).sum(), rtol=1e-13)
+
+
+def test_out_of_range_labels_that_are_not_ignored_are_nan():
+  y = np.array([0, 5, -1, -2])
+  loss = int_ce(X, y, ignore_index=-1, label_smoothing=0.1)
+  assert np.isnan(loss[1]) and np.isnan(loss[3])
+  assert loss[2] == 0 and np.isfinite(loss[0])
+  assert np.isnan(int_ce(X, y, ignore_index=-1, reduction="mean"))
+
+
+def test_smoothing_spreads_over_unmasked_classes_only():
+  where = np.ones((N, C), bool)
+  where[:, 3] = False
+  y = np.array([0, 4, 1, 2])
+  loss = int_ce(X, y, where=where, label_smoothing=0.3)
+  logp = sp.log_softmax(np.where(where, X, -np.inf), -1)
+  t = 0.7 * np.eye(C)[y] + 0.3 / 4 * where
+  expected = -(t * np.where(where, logp, 0)).sum(-1)
+  np.testing.assert_allclose(loss, expected, rtol=1e-13)
+  g = jax.grad(lambda x: int_ce(x, y, where=where, label_smoothing=0.3).sum())(
+      X)
+  assert np.all(np.asarray(g)[:, 3] == 0)
+
+
+def test_soft_cap_gradient_keeps_precision_far_out():
+  # sech²(20) ≈ 1.7e-17: 1 − tanh² would give 0 in any precision.
+  x = np.array([[60.0, 0.0, -60.0]])
+  g = jax.grad(lambda x: int_ce(x, np.array([1]), logit_soft_cap=3.0).sum())(
+      x)
+  z = 3.0 * np.tanh(x / 3.0)
+  expected = (sp.softmax(z) - np.eye(3)[1]) / np.cosh(x / 3.0) ** 2
+  np.testing.assert_allclose(g, expected, rtol=1e-12)
+  assert np.all(np.asarray(g)[0, [0, 2]] != 0)
+
+
+def test_soft_cap_maps_infinite_logits_to_the_cap():
+  # a·tanh(±inf/a) = ±a: finite loss, zero gradient at the infinite entries.
+  x = np.array([[np.inf, 0.0, -np.inf]])
+  loss, g = jax.value_and_grad(
+      lambda x: int_ce(x, np.array([1]), logit_soft_cap=2.0).sum())(x)
+  np.testing.assert_allclose(loss, -sp.log_softmax([2.0, 0.0, -2.0])[1],
+                             rtol=1e-14)
+  assert np.asarray(g)[0, 0] == 0 and np.asarray(g)[0, 2] == 0
+
+
+def test_binary_pos_weight_is_exact_at_infinity():
+  x = np.array([np.inf, -np.inf, -np.inf, np.inf])
+  t = np.array([1.0, 0.0, 1.0, 0.0])
+  loss, g = jax.value_and_grad(
+      lambda x: bce(x, t, pos_weight=2.0).sum())(x)
+  assert loss == np.inf
+  np.testing.assert_array_equal(bce(x, t, pos_weight=2.0),
+                                [0.0, 0.0, np.inf, np.inf])
+  np.testing.assert_array_equal(g, [0.0, 0.0, -2.0, 1.0])
+
+
+def test_probability_labels_mean_over_unmasked_examples():
+  rows = np.array([True, False, True, True])
+  loss = prob_ce(X, P, where=rows, label_smoothing=0.2, reduction="mean")
+  t = 0.8 * P + 0.2 / C
+  expected = -(t * sp.log_softmax(X, -1)).sum(-1)[rows].mean()
+  np.testing.assert_allclose(loss, expected, rtol=1e-13)
+  assert prob_ce(X, P, where=np.zeros(N, bool), reduction="mean") == 0
+
+
+def test_checked_lets_ignored_labels_through():
+  step = jsoft.checked(jax.jit(
+      lambda x, y: int_ce(x, y, ignore_index=-100, reduction="mean")))
+  y = np.array([0, -100, 3, -100])
+  np.testing.assert_allclose(
+      step(X, y), helpers.ce_int(X[[0, 2]], y[[0, 2]]).mean(), rtol=1e-13)
+  with pytest.raises(AssertionError, match="must lie in"):
+    step(X, np.array([0, -100, 3, -3]))
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing .* \[0, 1\]"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(logit_soft_cap=0.0), ValueError, r"logit_soft_cap .* \(0, inf\)"),
+    (dict(logit_soft_cap=np.inf), ValueError, "finite"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be a Python int"),
+    (dict(class_weights=np.ones(C + 1)), ValueError,
+     r"class_weights must have shape \(5,\)"),
+    (dict(label_smoothing="a lot"), TypeError, "must be a number"),
+])
+def test_bad_options_raise_clear_errors(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    int_ce(X, np.array([0, 1, 2, 3]), **kwargs)
+
+
+def test_binary_bad_pos_weight_shape():
+  with pytest.raises(ValueError, match="pos_weight of shape"):
+    bce(X, T, pos_weight=np.ones(C + 1))
