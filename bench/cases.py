@@ -80,6 +80,9 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   x = (scale * 3 * rng.normal(size=(n, c))).astype(np.float32)
   if case.fn == "ce_int":
     return x, rng.integers(0, c, size=n).astype(np.int32)
+  if case.fn == "ce_opts":  # one target in ten ignored (padding)
+    y = rng.integers(0, c, size=n).astype(np.int32)
+    return x, np.where(rng.random(n) < 0.1, peers.IGNORE, y).astype(np.int32)
   if case.fn == "ce_prob":
     t = rng.random(size=(n, c)).astype(np.float32)
     return x, t / t.sum(-1, keepdims=True)
@@ -196,11 +199,16 @@ def build(case: Case, available: dict[str, str | None]) -> tuple[
   impls: dict[str, Impl] = {}
   missing: dict[str, str] = {}
   for peer in peers.PEERS:
+    if case.fn not in peers.ONLY_FOR.get(peer, (case.fn,)):
+      continue
     if available.get(peer):
       missing[peer] = str(available[peer])
       continue
     if peer == "naive-numpy":
       fn = peers.numpy_impl(case.fn, case.mode)
+      if fn is None:
+        missing[peer] = "no such case"
+        continue
       if case.dtype != "float32":
         missing[peer] = "NumPy has no bfloat16 arithmetic"
         continue

@@ -53,7 +53,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def peers_available() -> dict[str, str | None]:
   """None for a usable peer, else why it is not (reported, not an error)."""
   out: dict[str, str | None] = {p: None for p in
-                                ("jsoft", "jax.nn", "naive-jnp",
+                                ("jsoft", "jsoft-plain", "jax.nn", "naive-jnp",
                                  "naive-numpy")}
   try:
     import optax  # noqa: F401, PLC0415

@@ -11,9 +11,17 @@ logsumexp      x [N, C]            [N]
 sigmoid        x [N, C]            [N, C]
 ce_int         x [N, C], y [N]     per-example integer-label cross-entropy
 ce_prob        x [N, C], t [N, C]  per-example probability-label CE
+ce_opts        x [N, C], y [N]     integer-label CE with training options
 bce            x [N, C], t [N, C]  element-wise sigmoid binary CE
 lm_head        h [N, D], W [D, V], y [N]   mean CE of ``h @ W`` (a step)
 =============  ==================  =========================================
+
+``ce_opts`` is the loss of a language-model trainer: ``OPTIONS`` (targets
+labelled -100 ignored, label smoothing, z-loss, logit soft cap, mean over
+the kept targets). Each peer computes the same number its own way: jsoft
+with keywords, ``jax.nn``/optax/torch composed from their primitives, and
+``jsoft-plain`` is jsoft's plain call (mean, no options) on the same
+inputs, to show what the options cost.
 
 Mode ``fwd`` computes the output; mode ``vg`` computes a scalar and its
 gradient: ``Σ out·ct`` for the activations (``ct`` a fixed random cotangent,
@@ -40,9 +48,16 @@ import numpy as np
 import jsoft
 
 ACTIVATIONS = ("softmax", "log_softmax", "logsumexp", "sigmoid")
-LOSSES = ("ce_int", "ce_prob", "bce")
+LOSSES = ("ce_int", "ce_prob", "bce", "ce_opts")
 FNS = ACTIVATIONS + LOSSES + ("lm_head",)
-PEERS = ("jsoft", "jax.nn", "optax", "naive-jnp", "naive-numpy", "torch")
+PEERS = ("jsoft", "jsoft-plain", "jax.nn", "optax", "naive-jnp",
+         "naive-numpy", "torch")
+# Peers that exist only for some functions (absent elsewhere, unreported).
+ONLY_FOR = {"jsoft-plain": ("ce_opts",)}
+
+IGNORE = -100
+OPTIONS = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4,
+               logit_soft_cap=30.0, reduction="mean")
 
 
 # -------------------------------------------------------------------- JAX
@@ -61,8 +76,33 @@ def _naive_sigmoid(x):
   return 1 / (1 + jnp.exp(-x))
 
 
+def _composed_options(log_softmax, smoothed_ce=None):
+  """``ce_opts`` composed from a library's primitives, as its users write
+  it: soft cap, (smoothed) CE, z-loss, then a mean over the kept targets."""
+  eps, lam = OPTIONS["label_smoothing"], OPTIONS["z_loss"]
+  cap = OPTIONS["logit_soft_cap"]
+
+  def loss(x, y):
+    z = cap * jnp.tanh(x.astype(jnp.float32) / cap)
+    keep = y != IGNORE
+    y = jnp.where(keep, y, 0)
+    if smoothed_ce is None:
+      logp = log_softmax(z)
+      per = -(1 - eps) * _take(logp, y) - eps * jnp.mean(logp, -1)
+    else:
+      per = smoothed_ce(z, y, eps)
+    per = per + lam * jnp.square(jax.nn.logsumexp(z, -1))
+    kept = jnp.sum(keep).astype(per.dtype)
+    return jnp.sum(jnp.where(keep, per, 0)) / jnp.maximum(kept, 1)
+
+  return loss
+
+
 def _jax_forwards(peer: str) -> dict[str, Callable[..., jax.Array]]:
   """Forward functions of the JAX-based peers (``lm_head`` excluded)."""
+  if peer == "jsoft-plain":
+    ce = jsoft.softmax_cross_entropy_with_integer_labels
+    return {"ce_opts": lambda x, y: jnp.mean(ce(x, jnp.maximum(y, 0)))}
   if peer == "jsoft":
     return {
         "softmax": jsoft.softmax,
@@ -72,6 +112,8 @@ def _jax_forwards(peer: str) -> dict[str, Callable[..., jax.Array]]:
         "ce_int": jsoft.softmax_cross_entropy_with_integer_labels,
         "ce_prob": jsoft.softmax_cross_entropy,
         "bce": jsoft.sigmoid_binary_cross_entropy,
+        "ce_opts": functools.partial(
+            jsoft.softmax_cross_entropy_with_integer_labels, **OPTIONS),
     }
   if peer == "jax.nn":
     ls = jax.nn.log_sigmoid
@@ -83,13 +125,20 @@ def _jax_forwards(peer: str) -> dict[str, Callable[..., jax.Array]]:
         "ce_int": lambda x, y: -_take(jax.nn.log_softmax(x), y),
         "ce_prob": lambda x, t: -jnp.sum(t * jax.nn.log_softmax(x), -1),
         "bce": lambda x, t: -(t * ls(x) + (1 - t) * ls(-x)),
+        "ce_opts": _composed_options(jax.nn.log_softmax),
     }
   if peer == "optax":
     import optax  # noqa: PLC0415
+
+    def smoothed_ce(z, y, eps):
+      onehot = jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype)
+      return optax.softmax_cross_entropy(z, optax.smooth_labels(onehot, eps))
+
     return {
         "ce_int": optax.softmax_cross_entropy_with_integer_labels,
         "ce_prob": optax.softmax_cross_entropy,
         "bce": optax.sigmoid_binary_cross_entropy,
+        "ce_opts": _composed_options(None, smoothed_ce),
     }
   if peer == "naive-jnp":
     def bce(x, t):
@@ -149,6 +198,8 @@ def _np_sigmoid(x):
 
 def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
   """The blog post's NumPy formulas, with the hand-derived gradients."""
+  if fn == "ce_opts":
+    return None
 
   def onehot_minus(p, y):
     g = p.copy()
@@ -215,6 +266,7 @@ def torch_impl(fn: str, mode: str) -> Callable[..., Any] | None:
       "ce_prob": lambda x, t: F.cross_entropy(x, t, reduction="none"),
       "bce": lambda x, t: F.binary_cross_entropy_with_logits(
           x, t, reduction="none"),
+      "ce_opts": _torch_options,
   }
   if fn == "lm_head":
     if mode != "vg":
@@ -241,3 +293,17 @@ def torch_impl(fn: str, mode: str) -> Callable[..., Any] | None:
     return value, torch.autograd.grad(value, x)[0]
 
   return vg
+
+
+def _torch_options(x, y):
+  """``ce_opts`` in torch: its own ignore_index and label_smoothing, the
+  soft cap and z-loss composed (torch has neither)."""
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: N812, PLC0415
+  cap, lam = OPTIONS["logit_soft_cap"], OPTIONS["z_loss"]
+  z = cap * torch.tanh(x.float() / cap)
+  keep = y != IGNORE
+  per = F.cross_entropy(z, y, ignore_index=IGNORE, reduction="none",
+                        label_smoothing=OPTIONS["label_smoothing"])
+  per = per + lam * torch.logsumexp(z, -1).square() * keep
+  return per.sum() / keep.sum().clamp(min=1)
