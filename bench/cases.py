@@ -29,6 +29,12 @@ LM_HEAD = {
     "quick": (512, 128, 8192),
     "full": (2048, 256, 32000),
 }
+# The fused linear cross-entropy (N, D, V); float32 only.
+LCE = {
+    "tiny": (6, 3, 5),
+    "quick": (1024, 128, 8192),
+    "full": (8192, 256, 32768),
+}
 DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "vg")
 
@@ -47,20 +53,24 @@ class Case:
 
   @property
   def shape_label(self) -> str:
-    if self.fn == "lm_head":
-      return "lm_head"
+    if self.fn in ("lm_head", "lce"):
+      return self.fn
     return next((k for k, v in SHAPES.items() if v == self.dims), "custom")
 
 
-def make_cases(fns, shapes, dtypes, lm_head: str | None) -> list[Case]:
-  """Every combination asked for; ``lm_head`` picks the LM-head size."""
+def make_cases(fns, shapes, dtypes, lm_head: str | None,
+               lce: str | None = None) -> list[Case]:
+  """Every combination asked for; ``lm_head`` and ``lce`` pick the sizes of
+  the head cases (None: not run)."""
   out = []
   for fn, shape, dtype, mode in itertools.product(
-      [f for f in fns if f != "lm_head"], shapes, dtypes, MODES):
+      [f for f in fns if f not in peers.HEADS], shapes, dtypes, MODES):
     out.append(Case(fn, SHAPES[shape], dtype, mode))
   if "lm_head" in fns and lm_head is not None:
     for dtype in dtypes:
       out.append(Case("lm_head", LM_HEAD[lm_head], dtype, "vg"))
+  if "lce" in fns and lce is not None:
+    out.append(Case("lce", LCE[lce], "float32", "vg"))
   return out
 
 
@@ -71,7 +81,7 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   """Host (NumPy, float32/int32) inputs; ``scale`` multiplies the logits
   (or the head weights), 1000 for the overflow check."""
   rng = np.random.default_rng(0)
-  if case.fn == "lm_head":
+  if case.fn in peers.HEADS:
     n, d, v = case.dims
     h = rng.normal(size=(n, d)).astype(np.float32)
     w = (scale * rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
@@ -96,7 +106,7 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
 
 def _float_inputs(case: Case) -> tuple[int, ...]:
   """Which inputs carry the case dtype (the rest stay float32/int32)."""
-  if case.fn == "lm_head":
+  if case.fn in peers.HEADS:
     return (0, 1)
   if case.fn in ("ce_prob", "bce"):
     return (0, 1)
@@ -120,8 +130,8 @@ def to_torch(case: Case, host: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
     else:
       t = torch.tensor(a, dtype=torch.int64 if a.dtype.kind == "i" else
                        torch.float32)
-    grad_input = 1 if case.fn == "lm_head" else 0
-    if case.mode == "vg" and i == grad_input:
+    grad_inputs = {"lm_head": (1,), "lce": (0, 1)}.get(case.fn, (0,))
+    if case.mode == "vg" and i in grad_inputs:
       t.requires_grad_(True)
     out.append(t)
   return tuple(out)
@@ -230,7 +240,10 @@ def build(case: Case, available: dict[str, str | None]) -> tuple[
       eager = jitted.__wrapped__
       impls[peer] = Impl(
           peer, lambda j=jitted, a=args: _block(j(*a)), jitted, args,
-          eager=lambda e=eager, a=args: _block(e(*a)),
+          # (The fused head's eager call is no different from its jitted
+          # one: not timed.)
+          eager=None if case.fn == "lce" else (
+              lambda e=eager, a=args: _block(e(*a))),
           extreme=lambda j=jitted, a=xargs: _block(j(*a)))
   return impls, missing
 
@@ -241,8 +254,9 @@ def _bind(fn, args):
 
 def finite(out: Any) -> bool:
   """True if every float in ``out`` (arrays of any library) is finite."""
-  leaves = out if isinstance(out, (tuple, list)) else (out,)
-  for leaf in leaves:
+  if isinstance(out, (tuple, list)):
+    return all(finite(leaf) for leaf in out)
+  for leaf in (out,):
     if hasattr(leaf, "detach"):
       leaf = leaf.detach().float().numpy()
     arr = np.asarray(leaf, dtype=np.float64)

@@ -16,9 +16,11 @@ from bench import cases as cases_mod
 from bench import report, timing
 from bench.peers import FNS
 
-QUICK = {"shapes": ["small", "medium"], "lm_head": "quick", "rounds": 5,
+QUICK = {"shapes": ["small", "medium"], "lm_head": "quick", "lce": "quick",
+         "rounds": 5,
          "min_sample_s": 0.002, "eager_samples": 3}
 FULL = {"shapes": ["small", "medium", "large"], "lm_head": "full",
+        "lce": "full",
         "rounds": 9, "min_sample_s": 0.02, "eager_samples": 5}
 
 
@@ -43,6 +45,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--lm-head", default=None,
                  choices=[*cases_mod.LM_HEAD, "none"],
                  help="LM-head size (default: full, or quick with --quick)")
+  p.add_argument("--lce", default=None, choices=[*cases_mod.LCE, "none"],
+                 help="fused linear cross-entropy size (default: full, or "
+                 "quick with --quick)")
+  p.add_argument("--memory-plot", metavar="PATH",
+                 help="also sweep N and V (compile only, no timing) and "
+                 "chart the XLA temp memory of the fused and unfused heads")
   p.add_argument("--rounds", type=int, default=None,
                  help="timed rounds per case")
   p.add_argument("--no-eager", action="store_true",
@@ -84,13 +92,16 @@ def select(argv: argparse.Namespace) -> tuple[list[cases_mod.Case],
       raise SystemExit(f"unknown dtype {d!r}; choose from "
                        f"{', '.join(cases_mod.DTYPES)}")
   lm = argv.lm_head or base["lm_head"]
+  lce = argv.lce or base["lce"]
   cases = cases_mod.make_cases(FNS, shapes, dtypes,
-                               None if lm == "none" else lm)
+                               None if lm == "none" else lm,
+                               None if lce == "none" else lce)
   only = [o for arg in argv.only for o in arg.split(",") if o]
   if only:
     cases = [c for c in cases if any(o in c.name for o in only)]
   config = {
       "quick": argv.quick, "shapes": shapes, "dtypes": dtypes, "lm_head": lm,
+      "lce": lce,
       "rounds": argv.rounds or base["rounds"],
       "min_sample_s": base["min_sample_s"],
       "eager_samples": 0 if argv.no_eager else base["eager_samples"],
@@ -112,10 +123,26 @@ def run_case(case: cases_mod.Case, available: dict[str, str | None],
     warnings.simplefilter("ignore")
     results = timing.measure(impls, config["rounds"], config["min_sample_s"],
                              config["eager_samples"])
-  return {"name": case.name, "fn": case.fn, "dims": list(case.dims),
-          "dtype": case.dtype, "mode": case.mode,
-          "shape_label": case.shape_label, "results": results,
-          "missing": missing}
+  out = {"name": case.name, "fn": case.fn, "dims": list(case.dims),
+         "dtype": case.dtype, "mode": case.mode,
+         "shape_label": case.shape_label, "results": results,
+         "missing": missing}
+  if case.fn == "lce" and "jsoft-plain" in impls:
+    out["max_rel_diff"] = _agreement(impls["jsoft"], impls["jsoft-plain"])
+  return out
+
+
+def _agreement(fused: cases_mod.Impl, unfused: cases_mod.Impl) -> float:
+  """Largest difference between the fused and unfused loss and gradients,
+  relative to each output's largest magnitude."""
+  a = jax.tree.leaves(fused.jitted(*fused.args))
+  b = jax.tree.leaves(unfused.jitted(*unfused.args))
+  worst = 0.0
+  for x, y in zip(a, b, strict=True):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(float(np.max(np.abs(y))), np.finfo(np.float64).tiny)
+    worst = max(worst, float(np.max(np.abs(x - y))) / scale)
+  return worst
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -150,4 +177,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.plot:
     why = report.write_plot(args.plot, payload)
     print(f"plot not written: {why}" if why else f"wrote {args.plot}")
+  if args.memory_plot:
+    from bench import memory  # noqa: PLC0415
+    sweep = memory.sweep(quick=args.quick)
+    print("\n" + memory.table(sweep))
+    payload["memory_sweep"] = sweep
+    if args.json:
+      report.write_json(args.json, payload)
+    why = memory.write_plot(args.memory_plot, sweep)
+    print(f"plot not written: {why}" if why else f"wrote {args.memory_plot}")
   return payload

@@ -14,6 +14,7 @@ ce_prob        x [N, C], t [N, C]  per-example probability-label CE
 ce_opts        x [N, C], y [N]     integer-label CE with training options
 bce            x [N, C], t [N, C]  element-wise sigmoid binary CE
 lm_head        h [N, D], W [D, V], y [N]   mean CE of ``h @ W`` (a step)
+lce            h [N, D], W [D, V], y [N]   the same, fused vs unfused
 =============  ==================  =========================================
 
 ``ce_opts`` is the loss of a language-model trainer: ``OPTIONS`` (targets
@@ -22,6 +23,10 @@ the kept targets). Each peer computes the same number its own way: jsoft
 with keywords, ``jax.nn``/optax/torch composed from their primitives, and
 ``jsoft-plain`` is jsoft's plain call (mean, no options) on the same
 inputs, to show what the options cost.
+
+``lce`` is the LM-head step with gradients for both ``h`` and ``W``: jsoft
+runs :func:`jsoft.linear_cross_entropy` (fused: no ``[N, V]`` logits), and
+``jsoft-plain``, optax and torch the unfused ``CE(h @ W)``.
 
 Mode ``fwd`` computes the output; mode ``vg`` computes a scalar and its
 gradient: ``Σ out·ct`` for the activations (``ct`` a fixed random cotangent,
@@ -49,11 +54,12 @@ import jsoft
 
 ACTIVATIONS = ("softmax", "log_softmax", "logsumexp", "sigmoid")
 LOSSES = ("ce_int", "ce_prob", "bce", "ce_opts")
-FNS = ACTIVATIONS + LOSSES + ("lm_head",)
+HEADS = ("lm_head", "lce")
+FNS = ACTIVATIONS + LOSSES + HEADS
 PEERS = ("jsoft", "jsoft-plain", "jax.nn", "optax", "naive-jnp",
          "naive-numpy", "torch")
 # Peers that exist only for some functions (absent elsewhere, unreported).
-ONLY_FOR = {"jsoft-plain": ("ce_opts",)}
+ONLY_FOR = {"jsoft-plain": ("ce_opts", "lce")}
 
 IGNORE = -100
 OPTIONS = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4,
@@ -163,8 +169,24 @@ def _lm_head_loss(peer: str) -> Callable[..., jax.Array] | None:
   return lambda h, w, y: jnp.mean(ce(h @ w, y).astype(jnp.float32))
 
 
+def _fused_head_loss(peer: str) -> Callable[..., jax.Array] | None:
+  if peer == "jsoft":
+    return lambda h, w, y: jsoft.linear_cross_entropy(h, w, y,
+                                                      reduction="mean")
+  if peer == "jsoft-plain":
+    return _lm_head_loss("jsoft")
+  if peer == "optax":
+    return _lm_head_loss("optax")
+  return None
+
+
 def jax_impl(peer: str, fn: str, mode: str) -> Callable[..., Any] | None:
   """The jitted case function of a JAX peer, or None if it has none."""
+  if fn == "lce":
+    loss = _fused_head_loss(peer)
+    if loss is None or mode != "vg":
+      return None
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   if fn == "lm_head":
     loss = _lm_head_loss(peer)
     if loss is None or mode != "vg":
@@ -198,7 +220,7 @@ def _np_sigmoid(x):
 
 def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
   """The blog post's NumPy formulas, with the hand-derived gradients."""
-  if fn == "ce_opts":
+  if fn in ("ce_opts", "lce"):
     return None
 
   def onehot_minus(p, y):
@@ -277,6 +299,15 @@ def torch_impl(fn: str, mode: str) -> Callable[..., Any] | None:
       return loss, torch.autograd.grad(loss, w)[0]
 
     return step
+  if fn == "lce":
+    if mode != "vg":
+      return None
+
+    def both(h, w, y):
+      loss = F.cross_entropy((h @ w).float(), y)
+      return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    return both
   f = fwd[fn]
   if mode == "fwd":
     def run(*args):

@@ -118,7 +118,7 @@ def targets(cases_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if measured is None:
       return
     met = measured >= goal if op == ">=" else measured <= goal
-    out.append({"target": name, "measured": round(float(measured), 3),
+    out.append({"target": name, "measured": float(f"{float(measured):.4g}"),
                 "goal": f"{op} {goal}", "met": bool(met)})
 
   add(f"{ce}: optax time / jsoft time", _get(cases, ce, "optax",
@@ -134,6 +134,21 @@ def targets(cases_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
   ours, theirs = (_get(cases, lm, p, "temp_bytes") for p in ("jsoft", "optax"))
   if ours is not None and theirs:
     add(f"{lm}: jsoft XLA temp / optax XLA temp", ours / theirs, 0.55, "<=")
+  lce = next((c for c in cases_list if c["fn"] == "lce"
+              and c["dims"] == [8192, 256, 32768]), None)
+  if lce is not None:
+    name = lce["name"]
+    fused = lce["results"].get("jsoft", {})
+    unfused = lce["results"].get("jsoft-plain", {})
+    if fused.get("temp_bytes") and unfused.get("temp_bytes"):
+      add(f"{name}: jsoft fused XLA temp / unfused XLA temp",
+          fused["temp_bytes"] / unfused["temp_bytes"], 1 / 16, "<=")
+    if unfused.get("ratio_to_jsoft"):
+      add(f"{name}: jsoft fused time / unfused time",
+          1 / unfused["ratio_to_jsoft"], 1.35, "<=")
+    if lce.get("max_rel_diff") is not None:
+      add(f"{name}: fused vs unfused, loss and gradients (max rel. diff)",
+          lce["max_rel_diff"], 1e-4, "<=")
   small = [c for c in cases_list if c["fn"] in ("ce_int", "ce_prob", "bce")
            and c["dims"] == [8, 10] and c["dtype"] == "float32"]
   for c in small:

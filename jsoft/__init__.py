@@ -15,6 +15,9 @@ from jsoft._cross_entropy import (
 from jsoft._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
+from jsoft._linear_cross_entropy import (
+    linear_cross_entropy as linear_cross_entropy,
+)
 from jsoft._sigmoid import log_sigmoid as log_sigmoid
 from jsoft._sigmoid import sigmoid as sigmoid
 from jsoft._softmax import log_softmax as log_softmax
@@ -25,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "checked",
+    "linear_cross_entropy",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",

@@ -94,7 +94,7 @@ class Options(NamedTuple):
 PLAIN = Options()
 
 
-def _cap(x: jax.Array, cap: float, spelling: int = 0) -> jax.Array:
+def cap_logits(x: jax.Array, cap: float, spelling: int = 0) -> jax.Array:
   """``a·tanh(x/a)``, in one of three spellings for the same values.
 
   ``a·tanh(x/a)``, ``(−a)·tanh(x/(−a))`` (the same bits: ``tanh`` is odd and
@@ -115,7 +115,7 @@ def _logits(logits: jax.Array, entries: jax.Array | None,
   """The logits the softmax sees: compute dtype, soft-capped, masked."""
   x = logits.astype(_checks.compute_dtype(logits.dtype))
   if cap is not None:
-    x = _cap(x, cap, spelling)
+    x = cap_logits(x, cap, spelling)
   return masked(x, entries)
 
 
@@ -186,7 +186,7 @@ def _class_count(entries, num_classes, dtype):
 # ---------------------------------------------------- integer-label kernel
 
 
-def _label_terms(labels, entries, rows, num_classes):
+def label_terms(labels, entries, rows, num_classes):
   """Per-example bookkeeping for integer labels.
 
   Returns ``(idx, ok, fill)``: the label as an in-range int32 index, whether
@@ -214,7 +214,7 @@ def _label_logit(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx[..., None], axis=-1)
 
 
-def _int_targets(opts, weights, entries, idx, num_classes, dtype):
+def int_targets(opts, weights, entries, idx, num_classes, dtype):
   """The target, as ``(label weight, smoothing target)``.
 
   The target distribution is ``(1 − ε)·w_y·onehot(y) + ε·w/C'`` (torch's
@@ -251,7 +251,7 @@ def _shifted(logits, entries, cap, spelling=0):
   c = row_shift(raw, _LAST)
   if cap is None:
     return raw, c, raw
-  return (_logits(logits, entries, cap, spelling), _cap(c, cap, spelling),
+  return (_logits(logits, entries, cap, spelling), cap_logits(c, cap, spelling),
           raw)
 
 
@@ -264,11 +264,11 @@ def _smooth_mass(smooth, weights, entries, opts, shape):
   return jnp.sum(jnp.broadcast_to(smooth, shape), axis=-1)
 
 
-def _int_ce_fwd(opts, logits, labels, entries, rows, weights):
+def int_ce_fwd(opts, logits, labels, entries, rows, weights):
   x, c, raw = _shifted(logits, entries, opts.cap)
   num_classes = x.shape[-1]
-  idx, ok, fill = _label_terms(labels, entries, rows, num_classes)
-  label_w, smooth = _int_targets(opts, weights, entries, idx, num_classes,
+  idx, ok, fill = label_terms(labels, entries, rows, num_classes)
+  label_w, smooth = int_targets(opts, weights, entries, idx, num_classes,
                                  x.dtype)
   s = jnp.sum(jnp.exp(x - c), axis=-1)  # one fused pass over the logits
   log_s = jnp.log(mass(s))
@@ -299,15 +299,15 @@ def _int_ce_fwd(opts, logits, labels, entries, rows, weights):
                                     s)
 
 
-def _int_ce_bwd(opts, res, ct):
+def int_ce_bwd(opts, res, ct):
   logits, labels, entries, rows, weights, c, s = res
   if opts.cap is None:
     x = _logits(logits, entries, None)
   else:
     x, slope = capped_with_slope(logits, entries, opts.cap)
   num_classes = x.shape[-1]
-  idx, ok, fill = _label_terms(labels, entries, rows, num_classes)
-  label_w, smooth = _int_targets(opts, weights, entries, idx, num_classes,
+  idx, ok, fill = label_terms(labels, entries, rows, num_classes)
+  label_w, smooth = int_targets(opts, weights, entries, idx, num_classes,
                                  x.dtype)
   # Per-example weight: the cotangent, or NaN for an invalid label.
   w = ct * jnp.where(ok, 1.0, fill)
@@ -345,10 +345,10 @@ def _int_ce_bwd(opts, res, ct):
 
 
 def _int_ce_fun(opts, logits, labels, entries, rows, weights):
-  return _int_ce_fwd(opts, logits, labels, entries, rows, weights)[0]
+  return int_ce_fwd(opts, logits, labels, entries, rows, weights)[0]
 
 
-_int_ce = _rules.vjp_rule(_int_ce_fun, _int_ce_fwd, _int_ce_bwd)
+_int_ce = _rules.vjp_rule(_int_ce_fun, int_ce_fwd, int_ce_bwd)
 
 
 # -------------------------------------------------- probability-label kernel
@@ -392,7 +392,7 @@ def _ce_fwd(opts, logits, labels, entries, rows):
   s = jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True)
   log_s = jnp.log(mass(s))
   # The target sum reads the logits in a pass of its own, spelled apart from
-  # the one above (see _int_ce_fwd).
+  # the one above (see int_ce_fwd).
   if opts.cap is None:
     z2 = x + (-c)
   else:
@@ -414,7 +414,7 @@ def _ce_bwd(opts, res, ct):
   else:
     x, slope = capped_with_slope(logits, entries, opts.cap)
   t = _prob_targets(opts, labels, entries, x.dtype, backward=True)
-  z = x + (-c)  # x − c, not shared with the forward (see _int_ce_bwd)
+  z = x + (-c)  # x − c, not shared with the forward (see int_ce_bwd)
   log_s = jnp.log(mass(s))
   ct = ct[..., None]
   # y − t, for targets of any total mass: softmax·Σt − t (and + 2λ·lse·
@@ -515,22 +515,39 @@ def _int_ce_jit(logits, labels, axis, where, class_weights, opts, ignore_index,
                               "class_weights")
   if entries is not None:
     entries = _classes_last(entries, axes, batch_axes)
-  if ignore_index is not None:
-    # An ignored target is a masked-out example: loss 0, gradient 0, and
-    # no share in "mean".
-    kept = labels != ignore_index
-    rows = kept if rows is None else rows & kept
-    labels = jnp.where(kept, labels, 0).astype(labels.dtype)
+  labels, rows = ignore(labels, rows, ignore_index)
   _checks.finite(x, fn, "logits", _check_mask(x, entries, rows))
   live = _live(entries, rows)
   _checks.in_range(labels, num_classes, fn, None if live is None else ~live)
   loss = _int_ce(opts, x, labels, entries, rows, weights)
-  share = None
-  if reduction == "mean" and (weights is not None or live is not None):
-    idx, ok, _ = _label_terms(labels, entries, rows, num_classes)
-    share = ok if weights is None else jnp.where(
-        ok, jnp.take(weights, idx) if num_classes else 0, 0)
-  return reduce(loss, reduction, share)
+  return reduce(loss, reduction,
+                mean_share(reduction, labels, entries, rows, weights,
+                           num_classes))
+
+
+def ignore(labels, rows, ignore_index):
+  """Folds ``ignore_index`` into the example mask ``rows``.
+
+  An ignored target is a masked-out example: loss 0, gradient 0 and no
+  share in "mean"; its label becomes 0 so that it is not out of range.
+  """
+  if ignore_index is None:
+    return labels, rows
+  kept = labels != ignore_index
+  rows = kept if rows is None else rows & kept
+  return jnp.where(kept, labels, 0).astype(labels.dtype), rows
+
+
+def mean_share(reduction, labels, entries, rows, weights, num_classes):
+  """Each example's share of the "mean" denominator: 1, or its class weight
+  ``w_y``, for the examples that have a loss; None when all count 1."""
+  if reduction != "mean" or (weights is None and entries is None
+                             and rows is None):
+    return None
+  idx, ok, _ = label_terms(labels, entries, rows, num_classes)
+  if weights is None:
+    return ok
+  return jnp.where(ok, jnp.take(weights, idx) if num_classes else 0, 0)
 
 
 def softmax_cross_entropy_with_integer_labels(

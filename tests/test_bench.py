@@ -8,14 +8,15 @@ import json
 
 import pytest
 
-from bench import cli
-from bench.peers import FNS
+from bench import cli, memory
+from bench.peers import FNS, HEADS
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
-  payload = cli.main(["--shapes", "tiny", "--lm-head", "tiny", "--dtype",
+  payload = cli.main(["--shapes", "tiny", "--lm-head", "tiny", "--lce", "tiny",
+                      "--dtype",
                       "float32", "--rounds", "2", "--json",
                       str(out / "r.json"), "--plot", str(out / "r.png")])
   return payload, out
@@ -24,17 +25,23 @@ def run(tmp_path_factory):
 def test_every_case_runs(run):
   payload, _ = run
   names = [c["name"] for c in payload["cases"]]
-  assert len(names) == 2 * (len(FNS) - 1) + 1  # fwd and vg, one LM head
+  # fwd and vg of each function, one LM head, one fused head.
+  assert len(names) == 2 * (len(FNS) - len(HEADS)) + len(HEADS)
   assert "ce_int_4x5_float32_vg" in names
+  assert "ce_opts_4x5_float32_vg" in names
   assert "lm_head_4x3x5_float32_vg" in names
+  assert "lce_6x3x5_float32_vg" in names
 
 
 def test_metrics_per_implementation(run):
   payload, _ = run
   for case in payload["cases"]:
     jsoft, floor = case["results"]["jsoft"], case["results"]["floor"]
-    for key in ("median_ms", "p25_ms", "p75_ms", "compile_ms", "temp_bytes",
-                "output_bytes", "eager_ms", "ratio_to_floor"):
+    keys = ["median_ms", "p25_ms", "p75_ms", "compile_ms", "temp_bytes",
+            "output_bytes", "ratio_to_floor"]
+    if case["fn"] != "lce":  # the fused head's eager call is not timed
+      keys.append("eager_ms")
+    for key in keys:
       assert key in jsoft, (case["name"], key)
     assert jsoft["median_ms"] > 0 and floor["median_ms"] > 0
     assert jsoft["finite_on_extremes"] is True
@@ -79,3 +86,24 @@ def test_only_and_bad_arguments(capsys):
     cli.main(["--shapes", "huge"])
   with pytest.raises(SystemExit, match="no case matches"):
     cli.main(["--shapes", "tiny", "--only", "nothing"])
+
+
+def test_fused_head_case_compares_with_the_unfused(run):
+  payload, _ = run
+  lce = next(c for c in payload["cases"] if c["fn"] == "lce")
+  assert {"jsoft", "jsoft-plain", "optax"} <= set(lce["results"])
+  assert lce["max_rel_diff"] < 1e-5
+
+
+def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch):
+  monkeypatch.setattr(memory, "SWEEP_N", (8, 16, 32))
+  monkeypatch.setattr(memory, "SWEEP_V", (8, 16, 32))
+  monkeypatch.setattr(memory, "FIXED_N", 16)
+  monkeypatch.setattr(memory, "FIXED_V", 16)
+  monkeypatch.setattr(memory, "D", 4)
+  result = memory.sweep(quick=True)
+  assert set(result["over_n"]) >= {"jsoft fused", "jsoft unfused", "optax"}
+  assert all(len(v) == 3 for v in result["over_v"].values())
+  assert "jsoft fused" in memory.table(result)
+  assert memory.write_plot(str(tmp_path / "m.png"), result) is None
+  assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,198 @@
+"""linear_cross_entropy: the fused head loss equals the unfused one.
+
+The reference is jsoft's unfused loss of ``h @ W + b`` in float64, whose
+values and gradients are themselves checked against float64 NumPy and
+PyTorch elsewhere; here the fused loss must agree with it in value and in
+the gradients with respect to ``hidden``, ``weight`` and ``bias``, for both
+loop orders (over tokens when N ≥ V, over the vocabulary when N < V), tiles
+that do not divide the axis, every option, and every autodiff mode.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jsoft
+from tests import helpers
+
+lce = jsoft.linear_cross_entropy
+int_ce = jsoft.softmax_cross_entropy_with_integer_labels
+rng = np.random.default_rng(7)
+IGNORE = -100
+
+# name: (N, D, V, chunk_size): tokens-first and vocabulary-first loops,
+# tiles that divide the axis and tiles that need padding.
+SHAPES = {
+    "tokens": (12, 4, 5, 4),
+    "tokens_padded": (13, 4, 5, 5),
+    "vocab": (5, 4, 12, 4),
+    "vocab_padded": (5, 3, 11, 4),
+    "auto_chunk": (6, 3, 20, None),
+}
+OPTIONS = {
+    "plain": {},
+    "all": dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-2,
+                logit_soft_cap=2.0, reduction="mean"),
+    "weights_smoothing_sum": dict(ignore_index=IGNORE, label_smoothing=0.2,
+                                  reduction="sum"),
+}
+
+
+def _problem(n, d, v, seed=0):
+  r = np.random.default_rng(seed)
+  h = r.normal(size=(n, d))
+  w = r.normal(size=(d, v))
+  b = r.normal(size=v)
+  y = r.integers(0, v, size=n)
+  y[1] = IGNORE
+  return h, w, b, y
+
+
+def _pair(opts, y, chunk, weights=None):
+  kw = dict(opts)
+  if weights is not None:
+    kw["class_weights"] = weights
+  if "ignore_index" not in kw:
+    y = np.where(y == IGNORE, 0, y)
+
+  def fused(h, w, b):
+    return lce(h, w, y, bias=b, chunk_size=chunk, **kw)
+
+  def unfused(h, w, b):
+    return int_ce(h @ w + b, y, **kw)
+
+  return fused, unfused
+
+
+CASES = [(shape, "plain") for shape in SHAPES] + [
+    ("tokens_padded", "all"), ("vocab_padded", "all"), ("auto_chunk", "all"),
+    ("tokens", "weights_smoothing_sum"), ("vocab", "weights_smoothing_sum")]
+
+
+@pytest.mark.parametrize("shape_name,opt_name", CASES)
+def test_value_and_gradients_equal_the_unfused_loss(shape_name, opt_name):
+  n, d, v, chunk = SHAPES[shape_name]
+  h, w, b, y = _problem(n, d, v)
+  weights = rng.uniform(0.5, 2.0, size=v) if opt_name != "plain" else None
+  fused, unfused = _pair(OPTIONS[opt_name], y, chunk, weights)
+  np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), rtol=1e-13,
+                             atol=1e-14)
+  ct = rng.normal(size=np.shape(unfused(h, w, b)))
+  _, pull_f = jax.vjp(fused, h, w, b)
+  _, pull_u = jax.vjp(unfused, h, w, b)
+  for got, want in zip(pull_f(ct), pull_u(ct), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape_name", ["tokens_padded", "vocab_padded"])
+def test_check_grads_every_mode(shape_name):
+  n, d, v, chunk = SHAPES[shape_name]
+  h, w, b, y = _problem(n, d, v, seed=1)
+  fused, _ = _pair(OPTIONS["all"], y, chunk, rng.uniform(0.5, 2.0, size=v))
+  check_grads(fused, (h, w, b), order=2, modes=("fwd", "rev"))
+
+
+def test_hvp_and_hessian_match_the_unfused_loss():
+  h, w, b, y = _problem(5, 3, 8, seed=2)
+  fused, unfused = _pair(OPTIONS["all"], y, 3)
+  v = rng.normal(size=w.shape)
+
+  def hvp(f):
+    grad_w = jax.grad(lambda w: f(h, w, b))
+    return jax.jvp(grad_w, (w,), (v,))[1]
+
+  np.testing.assert_allclose(hvp(fused), hvp(unfused), rtol=1e-11, atol=1e-13)
+  hess = jax.hessian(lambda h: fused(h, w, b))(h)
+  np.testing.assert_allclose(
+      hess, jax.hessian(lambda h: unfused(h, w, b))(h), rtol=1e-11,
+      atol=1e-13)
+
+
+def test_batch_dimensions_jit_and_vmap():
+  h = rng.normal(size=(2, 3, 4))
+  w = rng.normal(size=(4, 6))
+  y = rng.integers(0, 6, size=(2, 3))
+  out = jax.jit(lambda h: lce(h, w, y, chunk_size=2))(h)
+  assert out.shape == (2, 3)
+  np.testing.assert_allclose(out, int_ce(h @ w, y), rtol=1e-13)
+  per_row = jax.vmap(lambda h, y: lce(h, w, y, reduction="mean"))(h, y)
+  np.testing.assert_allclose(per_row, int_ce(h @ w, y).mean(-1), rtol=1e-13)
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradients():
+  h, w, b, _ = _problem(6, 3, 4)
+  y = np.full(6, IGNORE)
+  value, grads = jax.value_and_grad(
+      lambda h, w, b: lce(h, w, y, bias=b, ignore_index=IGNORE,
+                          reduction="mean", chunk_size=4),
+      argnums=(0, 1, 2))(h, w, b)
+  assert value == 0
+  for g in grads:
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_ignored_rows_contribute_nothing_even_when_non_finite():
+  h, w, b, y = _problem(6, 3, 4)
+  h[1] = np.nan  # y[1] is ignored
+  value, (gh, gw) = jax.value_and_grad(
+      lambda h, w: lce(h, w, y, bias=b, ignore_index=IGNORE, reduction="sum",
+                       chunk_size=4), argnums=(0, 1))(h, w)
+  assert np.isfinite(value) and np.all(np.isfinite(gw))
+  assert np.all(np.asarray(gh)[1] == 0)
+
+
+def test_out_of_range_labels_give_nan():
+  h, w, _, _ = _problem(4, 3, 5)
+  loss = np.asarray(lce(h, w, np.array([0, 5, -1, 2])))
+  assert np.isnan(loss[1]) and np.isnan(loss[2])
+  assert np.all(np.isfinite(loss[[0, 3]]))
+
+
+@pytest.mark.parametrize("n,v", [(16, 8), (4, 24)])
+def test_bfloat16_inputs_accumulate_in_float32(n, v):
+  h32 = rng.normal(size=(n, 8)).astype(np.float32)
+  w32 = rng.normal(size=(8, v)).astype(np.float32)
+  y = rng.integers(0, v, size=n)
+  h, w = jnp.asarray(h32, jnp.bfloat16), jnp.asarray(w32, jnp.bfloat16)
+  loss = lce(h, w, y, chunk_size=4)
+  assert loss.dtype == jnp.float32
+  # float64 on the same rounded inputs: the logits are exact products summed
+  # in float32, so the loss keeps float32 accuracy.
+  ref = helpers.ce_int(np.asarray(h, np.float64) @ np.asarray(w, np.float64),
+                       y)
+  assert helpers.rel_err(loss, ref) < 1e-5
+  gh, gw = jax.grad(lambda h, w: lce(h, w, y, reduction="mean",
+                                     chunk_size=4), argnums=(0, 1))(h, w)
+  assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+  p = helpers.softmax(np.asarray(h, np.float64) @ np.asarray(w, np.float64))
+  g = (p - np.eye(v)[y]) / n
+  np.testing.assert_allclose(np.asarray(gw, np.float64),
+                             np.asarray(h, np.float64).T @ g, rtol=2e-2,
+                             atol=2e-3)
+
+
+def test_tied_embeddings_pass_the_transpose():
+  emb = rng.normal(size=(7, 4))  # [V, D]
+  h = rng.normal(size=(9, 4))
+  y = rng.integers(0, 7, size=9)
+  g = jax.grad(lambda e: lce(h, e.T, y, reduction="mean", chunk_size=4))(emb)
+  np.testing.assert_allclose(
+      g, jax.grad(lambda e: int_ce(h @ e.T, y).mean())(emb), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(weight=np.ones((4, 5, 1))), ValueError, r"weight must have shape"),
+    (dict(weight=np.ones((3, 5))), ValueError, r"hidden must have shape"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be at least 1"),
+    (dict(bias=np.ones(4)), ValueError, r"bias must have shape \(5,\)"),
+    (dict(labels=np.ones(6)), TypeError, "labels must be an integer"),
+    (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+  args = dict(hidden=np.ones((6, 4)), weight=np.ones((4, 5)),
+              labels=np.zeros(6, int))
+  args.update(kwargs)
+  with pytest.raises(error, match=match):
+    lce(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
