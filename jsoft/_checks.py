@@ -218,6 +218,18 @@ def static_int(value: Any, fn: str, name: str) -> int | None:
                     f"{value!r}.") from None
 
 
+def axis_name(value: Any, fn: str) -> Any:
+  """None, or a mesh axis name (a hashable, or a tuple of them)."""
+  if value is None:
+    return None
+  try:
+    hash(value)
+  except TypeError:
+    raise TypeError(f"jsoft.{fn}: axis_name must be a mesh axis name (or a "
+                    f"tuple of names), got {value!r}.") from None
+  return tuple(value) if isinstance(value, list) else value
+
+
 def per_class(x: Any, num_classes: int, dtype: Any, fn: str,
               name: str) -> jax.Array | None:
   """Checks a per-class array (``class_weights``): real, shape ``[C]``."""

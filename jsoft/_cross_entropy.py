@@ -89,6 +89,23 @@ class Options(NamedTuple):
   smoothing: float = 0.0
   z_loss: float = 0.0
   cap: float | None = None
+  axis_name: Any = None  # mesh axis the classes are sharded over
+
+
+# ------------------------------------------------------ sharded classes
+#
+# With ``axis_name`` (inside ``shard_map``) each device holds a slice of the
+# classes. Only per-example numbers cross devices: the row max (pmax), the
+# sum of exponentials, the label's logit and the target sums (psum); the
+# gradient of each slice is computed where it lives.
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def num_shards(axis_name) -> int:
+  return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
 PLAIN = Options()
@@ -143,7 +160,7 @@ def capped_with_slope(logits: jax.Array, entries: jax.Array | None,
   return masked(capped, entries), slope
 
 
-def _target_sum(t, z, log_s, t_sum=None):
+def _target_sum(t, z, log_s, t_sum=None, axis_name=None):
   """``Σ_c t_c·(log s − z_c)``, that is ``Σ t·(−log softmax)``.
 
   Evaluated as ``log s·Σt + Σ(−t·z)``: both terms are ≥ 0 (``z ≤ 0``), so
@@ -165,14 +182,16 @@ def _target_sum(t, z, log_s, t_sum=None):
   zc = jnp.maximum(z, -float(info.max))
   scale = 2.0 ** (info.maxexp - 1)
   if t_sum is None:
-    t_sum = jnp.sum(jnp.broadcast_to(t, z.shape), axis=-1)
+    t_sum = _psum(jnp.sum(jnp.broadcast_to(t, z.shape), axis=-1), axis_name)
   if jnp.ndim(t) == 0:
     # One positive target for every class (uniform smoothing): factored out
     # of the sum, which then reads only z. A −inf logit makes it +inf.
     lost = lax.stop_gradient(jnp.minimum(zc - z, scale) * scale)
-    return log_s[..., 0] * t_sum + t * jnp.sum(lost - zc, axis=-1)
+    return log_s[..., 0] * t_sum + t * _psum(jnp.sum(lost - zc, axis=-1),
+                                             axis_name)
   lost = lax.stop_gradient((t * jnp.minimum(zc - z, scale)) * scale)
-  return log_s[..., 0] * t_sum + jnp.sum(lost - t * zc, axis=-1)
+  return log_s[..., 0] * t_sum + _psum(jnp.sum(lost - t * zc, axis=-1),
+                                       axis_name)
 
 
 def _class_count(entries, num_classes, dtype):
@@ -186,25 +205,34 @@ def _class_count(entries, num_classes, dtype):
 # ---------------------------------------------------- integer-label kernel
 
 
-def label_terms(labels, entries, rows, num_classes):
+def label_terms(labels, entries, rows, num_classes, axis_name=None):
   """Per-example bookkeeping for integer labels.
 
-  Returns ``(idx, ok, fill)``: the label as an in-range int32 index, whether
-  the example has a loss at all, and the value its loss and gradient take
-  otherwise: NaN for a label outside ``[0, C)`` (never a wrapped class); 0
-  for an example masked out (``where``, ``ignore_index``), or whose label
-  entry is masked (the target restricted to the unmasked entries is then
-  empty).
+  Returns ``(idx, ok, fill, here)``: the label as an in-range int32 index
+  into the local classes, whether the example has a loss at all, the value
+  its loss and gradient take otherwise: NaN for a label outside ``[0, C)``
+  (never a wrapped class); 0 for an example masked out (``where``,
+  ``ignore_index``), or whose label entry is masked (the target restricted
+  to the unmasked entries is then empty); and, with classes sharded over
+  ``axis_name`` (``num_classes`` local ones per device), whether the label
+  is on this device (None otherwise).
   """
-  valid = (labels >= 0) & (labels < num_classes)
-  idx = jnp.where(valid, labels, 0).astype(jnp.int32)
+  valid = (labels >= 0) & (labels < num_classes * num_shards(axis_name))
+  here = None
+  if axis_name is None:
+    idx = jnp.where(valid, labels, 0).astype(jnp.int32)
+  else:
+    first = lax.axis_index(axis_name) * num_classes
+    local = labels - first.astype(labels.dtype)
+    here = (local >= 0) & (local < num_classes)
+    idx = jnp.where(here, local, 0).astype(jnp.int32)
   ok, fill = valid, jnp.where(valid, 0.0, jnp.nan)
   live = _live(entries, rows)
   if live is not None:
     ok, fill = ok & live, jnp.where(live, fill, 0.0)
   if entries is not None and num_classes:
     ok = ok & jnp.take_along_axis(entries, idx[..., None], axis=-1)[..., 0]
-  return idx, ok, fill
+  return idx, ok, fill, here
 
 
 def _label_logit(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -214,7 +242,7 @@ def _label_logit(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx[..., None], axis=-1)
 
 
-def int_targets(opts, weights, entries, idx, num_classes, dtype):
+def int_targets(opts, weights, entries, idx, num_classes, dtype, here=None):
   """The target, as ``(label weight, smoothing target)``.
 
   The target distribution is ``(1 − ε)·w_y·onehot(y) + ε·w/C'`` (torch's
@@ -222,14 +250,19 @@ def int_targets(opts, weights, entries, idx, num_classes, dtype):
   weight ``(1 − ε)·w_y`` is a per-example array, or a Python number when it
   is the same for all (1 without options); the smoothing target ``ε·w/C'``
   is None without smoothing, else broadcastable to the logits.
+  ``num_classes`` counts all classes; with sharded classes, ``weights`` are
+  this device's and ``here`` says whether the label is among them.
   """
   keep = 1.0 - opts.smoothing
   if weights is None:
     label_w = keep
-  elif num_classes == 0:
+  elif weights.shape[0] == 0:
     label_w = jnp.zeros(idx.shape, dtype)
   else:
-    label_w = keep * jnp.take(weights, idx)
+    w_y = jnp.take(weights, idx)
+    if here is not None:
+      w_y = _psum(jnp.where(here, w_y, 0), opts.axis_name)
+    label_w = keep * w_y
   if not opts.smoothing:
     return label_w, None
   w = jnp.ones((), dtype) if weights is None else weights
@@ -239,7 +272,7 @@ def int_targets(opts, weights, entries, idx, num_classes, dtype):
                                                      dtype))
 
 
-def _shifted(logits, entries, cap, spelling=0):
+def _shifted(logits, entries, cap, spelling=0, axis_name=None):
   """``(x̃, c, raw)``: the logits the softmax sees, their row max, and the
   masked logits before the cap.
 
@@ -249,6 +282,8 @@ def _shifted(logits, entries, cap, spelling=0):
   """
   raw = _entries(logits, entries)
   c = row_shift(raw, _LAST)
+  if axis_name is not None:
+    c = lax.pmax(c, axis_name)
   if cap is None:
     return raw, c, raw
   return (_logits(logits, entries, cap, spelling), cap_logits(c, cap, spelling),
@@ -260,21 +295,26 @@ def _smooth_mass(smooth, weights, entries, opts, shape):
   if entries is None:
     if weights is None:
       return opts.smoothing
-    return opts.smoothing / max(shape[-1], 1) * jnp.sum(weights)
+    total = shape[-1] * num_shards(opts.axis_name)
+    return opts.smoothing / max(total, 1) * _psum(jnp.sum(weights),
+                                                  opts.axis_name)
   return jnp.sum(jnp.broadcast_to(smooth, shape), axis=-1)
 
 
 def int_ce_fwd(opts, logits, labels, entries, rows, weights):
-  x, c, raw = _shifted(logits, entries, opts.cap)
-  num_classes = x.shape[-1]
-  idx, ok, fill = label_terms(labels, entries, rows, num_classes)
-  label_w, smooth = int_targets(opts, weights, entries, idx, num_classes,
-                                 x.dtype)
-  s = jnp.sum(jnp.exp(x - c), axis=-1)  # one fused pass over the logits
+  ax = opts.axis_name
+  x, c, raw = _shifted(logits, entries, opts.cap, axis_name=ax)
+  idx, ok, fill, here = label_terms(labels, entries, rows, x.shape[-1], ax)
+  label_w, smooth = int_targets(opts, weights, entries, idx,
+                                x.shape[-1] * num_shards(ax), x.dtype, here)
+  # One fused pass over the logits (and one psum of a number per example).
+  s = _psum(jnp.sum(jnp.exp(x - c), axis=-1), ax)
   log_s = jnp.log(mass(s))
   x_label = _label_logit(raw, idx)
   if opts.cap is not None:
     x_label = opts.cap * jnp.tanh(x_label / opts.cap)
+  if here is not None:  # the label's logit, from the device that holds it
+    x_label = _psum(jnp.where(here[..., None], x_label, 0), ax)
   z_label = (x_label - c)[..., 0]
   # −log softmax(x)_y = log s − (x_y − m): from the shifted logits, so
   # [-1000]*3 gives log 3 − 0 exactly. A label without mass gives +inf.
@@ -288,11 +328,12 @@ def int_ce_fwd(opts, logits, labels, entries, rows, weights):
     if opts.cap is None:
       z2 = x + (-c)
     else:
-      x2, c2, _ = _shifted(logits, entries, opts.cap, spelling=2)
+      x2, c2, _ = _shifted(logits, entries, opts.cap, spelling=2,
+                           axis_name=ax)
       z2 = x2 - c2
     loss = loss + _target_sum(
         smooth, z2, log_s[..., None],
-        _smooth_mass(smooth, weights, entries, opts, x.shape))
+        _smooth_mass(smooth, weights, entries, opts, x.shape), ax)
   if opts.z_loss:
     loss = loss + opts.z_loss * jnp.square(c[..., 0] + log_s)
   return jnp.where(ok, loss, fill), (logits, labels, entries, rows, weights, c,
@@ -305,10 +346,10 @@ def int_ce_bwd(opts, res, ct):
     x = _logits(logits, entries, None)
   else:
     x, slope = capped_with_slope(logits, entries, opts.cap)
-  num_classes = x.shape[-1]
-  idx, ok, fill = label_terms(labels, entries, rows, num_classes)
-  label_w, smooth = int_targets(opts, weights, entries, idx, num_classes,
-                                 x.dtype)
+  ax = opts.axis_name
+  idx, ok, fill, here = label_terms(labels, entries, rows, x.shape[-1], ax)
+  label_w, smooth = int_targets(opts, weights, entries, idx,
+                                x.shape[-1] * num_shards(ax), x.dtype, here)
   # Per-example weight: the cotangent, or NaN for an invalid label.
   w = ct * jnp.where(ok, 1.0, fill)
   # y − t with y = softmax·k: k is the target's total mass, plus 2λ·lse for
@@ -333,6 +374,8 @@ def int_ce_bwd(opts, res, ct):
       w * label_w)
   is_label = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == (
       idx[..., None])
+  if here is not None:
+    is_label = is_label & here[..., None]
   g = jnp.where(is_label, p - at_label[..., None], p)
   if opts.cap is not None:
     g = g * slope
@@ -362,7 +405,8 @@ def _prob_targets(opts, labels, entries, dtype, backward=False):
   forward's as an [N, C] array for it."""
   t = labels.astype(dtype)
   if opts.smoothing:
-    spread = opts.smoothing / _class_count(entries, t.shape[-1], dtype)
+    spread = opts.smoothing / _class_count(
+        entries, t.shape[-1] * num_shards(opts.axis_name), dtype)
     if backward:
       t = spread - (opts.smoothing - 1.0) * t
     else:
@@ -378,7 +422,7 @@ def _prob_target_mass(opts, labels, entries, dtype):
   t = labels.astype(dtype)
   if entries is not None:
     t = jnp.where(entries, t, 0)
-  total = jnp.sum(t, axis=-1, keepdims=True)
+  total = _psum(jnp.sum(t, axis=-1, keepdims=True), opts.axis_name)
   if not opts.smoothing:
     return total
   spread = opts.smoothing if entries is None else opts.smoothing * jnp.any(
@@ -387,19 +431,21 @@ def _prob_target_mass(opts, labels, entries, dtype):
 
 
 def _ce_fwd(opts, logits, labels, entries, rows):
-  x, c, _ = _shifted(logits, entries, opts.cap)
+  ax = opts.axis_name
+  x, c, _ = _shifted(logits, entries, opts.cap, axis_name=ax)
   t = _prob_targets(opts, labels, entries, x.dtype)
-  s = jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True)
+  s = _psum(jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True), ax)
   log_s = jnp.log(mass(s))
   # The target sum reads the logits in a pass of its own, spelled apart from
   # the one above (see int_ce_fwd).
   if opts.cap is None:
     z2 = x + (-c)
   else:
-    x2, c2, _ = _shifted(logits, entries, opts.cap, spelling=2)
+    x2, c2, _ = _shifted(logits, entries, opts.cap, spelling=2, axis_name=ax)
     z2 = x2 - c2
   loss = _target_sum(t, z2, log_s,
-                     _prob_target_mass(opts, labels, entries, x.dtype)[..., 0])
+                     _prob_target_mass(opts, labels, entries, x.dtype)[..., 0],
+                     ax)
   if opts.z_loss:
     loss = loss + opts.z_loss * jnp.square(c[..., 0] + log_s[..., 0])
   if rows is not None:
@@ -436,7 +482,8 @@ def _ce_bwd(opts, res, ct):
   if rows is not None:
     g_logits = jnp.where(rows[..., None], g_logits, 0)
     g_labels = jnp.where(rows[..., None], g_labels, 0)
-  return (g_logits.astype(logits.dtype), g_labels.astype(labels.dtype), None,
+  return (_rules.summed_like(g_logits, logits).astype(logits.dtype),
+          _rules.summed_like(g_labels, labels).astype(labels.dtype), None,
           None)
 
 
@@ -462,7 +509,7 @@ def _static_axis(axis: Any) -> Any:
 
 
 def options(fn: str, label_smoothing: Any, z_loss: Any,
-            logit_soft_cap: Any) -> Options:
+            logit_soft_cap: Any, axis_name: Any = None) -> Options:
   """Validates the softmax losses' options into a hashable :class:`Options`."""
   cap = None
   if logit_soft_cap is not None:
@@ -472,7 +519,7 @@ def options(fn: str, label_smoothing: Any, z_loss: Any,
       smoothing=_checks.static_float(label_smoothing, fn, "label_smoothing",
                                      low=0.0, high=1.0),
       z_loss=_checks.static_float(z_loss, fn, "z_loss", low=0.0),
-      cap=cap)
+      cap=cap, axis_name=_checks.axis_name(axis_name, fn))
 
 
 def reduce(loss: jax.Array, reduction: str,
@@ -508,6 +555,7 @@ def _int_ce_jit(logits, labels, axis, where, class_weights, opts, ignore_index,
                 f"the logits' shape {logits.shape} without the class axes "
                 f"{axes}")
   entries, rows = _checks.example_mask(where, logits.shape, batch, fn)
+  _sharded_layout(fn, opts, axes, entries)
   x = _classes_last(logits, axes, batch_axes)
   num_classes = x.shape[-1]
   weights = _checks.per_class(class_weights, num_classes,
@@ -518,11 +566,24 @@ def _int_ce_jit(logits, labels, axis, where, class_weights, opts, ignore_index,
   labels, rows = ignore(labels, rows, ignore_index)
   _checks.finite(x, fn, "logits", _check_mask(x, entries, rows))
   live = _live(entries, rows)
-  _checks.in_range(labels, num_classes, fn, None if live is None else ~live)
+  _checks.in_range(labels, num_classes * num_shards(opts.axis_name), fn,
+                   None if live is None else ~live)
   loss = _int_ce(opts, x, labels, entries, rows, weights)
   return reduce(loss, reduction,
                 mean_share(reduction, labels, entries, rows, weights,
-                           num_classes))
+                           num_classes, opts.axis_name))
+
+
+def _sharded_layout(fn, opts, axes, entries):
+  """With ``axis_name``: one class axis, and masks per example only."""
+  if opts.axis_name is None:
+    return
+  if len(axes) != 1:
+    raise ValueError(f"jsoft.{fn}: with axis_name the classes must lie on "
+                     f"one axis (the sharded one), got axis={axes}.")
+  if entries is not None:
+    raise ValueError(f"jsoft.{fn}: with axis_name, where= must be a "
+                     "per-example mask (the labels' shape), not per class.")
 
 
 def ignore(labels, rows, ignore_index):
@@ -538,16 +599,21 @@ def ignore(labels, rows, ignore_index):
   return jnp.where(kept, labels, 0).astype(labels.dtype), rows
 
 
-def mean_share(reduction, labels, entries, rows, weights, num_classes):
+def mean_share(reduction, labels, entries, rows, weights, num_classes,
+               axis_name=None):
   """Each example's share of the "mean" denominator: 1, or its class weight
   ``w_y``, for the examples that have a loss; None when all count 1."""
   if reduction != "mean" or (weights is None and entries is None
                              and rows is None):
     return None
-  idx, ok, _ = label_terms(labels, entries, rows, num_classes)
+  idx, ok, _, here = label_terms(labels, entries, rows, num_classes,
+                                 axis_name)
   if weights is None:
     return ok
-  return jnp.where(ok, jnp.take(weights, idx) if num_classes else 0, 0)
+  w_y = jnp.take(weights, idx) if num_classes else jnp.zeros(idx.shape)
+  if here is not None:
+    w_y = _psum(jnp.where(here, w_y, 0), axis_name)
+  return jnp.where(ok, w_y, 0)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -557,7 +623,7 @@ def softmax_cross_entropy_with_integer_labels(
     ignore_index: int | None = None, label_smoothing: float = 0.0,
     z_loss: float = 0.0, logit_soft_cap: float | None = None,
     class_weights: jax.typing.ArrayLike | None = None,
-    reduction: str = "none") -> jax.Array:
+    reduction: str = "none", axis_name: Any = None) -> jax.Array:
   r"""Softmax cross-entropy against integer class labels: a drop-in for
   :func:`optax.softmax_cross_entropy_with_integer_labels`, with the options
   of :func:`torch.nn.functional.cross_entropy`.
@@ -607,6 +673,13 @@ def softmax_cross_entropy_with_integer_labels(
     reduction: "none" (per example), "sum", or "mean": the sum divided by
       the total weight ``Σ w_y`` of the examples that count (not masked,
       not ignored), as in torch; 0 when none count.
+    axis_name: inside ``shard_map``, the mesh axis the class axis is
+      sharded over: each device passes its slice of the classes (and of
+      ``class_weights``) and gets the global per-example loss. Only a max,
+      a sum, the label's logit and the target sums per example cross
+      devices (``pmax``/``psum``); each device's gradient is its slice's.
+      Labels are global class indices. "sum"/"mean" reduce over the
+      examples this call sees (reduce over data-parallel axes yourself).
 
   Returns:
     The per-example loss, of the labels' shape, or a scalar: float32 for
@@ -628,7 +701,7 @@ def softmax_cross_entropy_with_integer_labels(
   return _int_ce_jit(
       _checks.asarray(logits), _checks.asarray(labels), _static_axis(axis),
       _checks.asarray(where), _checks.asarray(class_weights),
-      options(fn, label_smoothing, z_loss, logit_soft_cap),
+      options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name),
       _checks.static_int(ignore_index, fn, "ignore_index"),
       _checks.reduction(reduction, fn))
 
@@ -642,6 +715,7 @@ def _ce_jit(logits, labels, axis, where, opts, reduction):
   _checks.shape(labels, logits.shape, fn, "labels", "the logits' shape")
   axes, batch_axes, batch = _class_layout(fn, logits, axis, allow_none=True)
   entries, rows = _checks.example_mask(where, logits.shape, batch, fn)
+  _sharded_layout(fn, opts, axes, entries)
   x = _classes_last(logits, axes, batch_axes)
   t = _classes_last(labels, axes, batch_axes)
   if entries is not None:
@@ -659,7 +733,7 @@ def softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None, *,
     label_smoothing: float = 0.0, z_loss: float = 0.0,
     logit_soft_cap: float | None = None,
-    reduction: str = "none") -> jax.Array:
+    reduction: str = "none", axis_name: Any = None) -> jax.Array:
   r"""Softmax cross-entropy against target distributions: a drop-in for
   :func:`optax.softmax_cross_entropy`, with the options of
   :func:`torch.nn.functional.cross_entropy` for probability targets.
@@ -692,6 +766,9 @@ def softmax_cross_entropy(
     logit_soft_cap: ``a > 0``: soft-caps the logits first.
     reduction: "none", "sum", or "mean" (over the examples not masked out;
       0 when there are none).
+    axis_name: inside ``shard_map``, the mesh axis the class axis is
+      sharded over (logits and labels sliced alike): the global loss, from
+      a max and sums per example; each device's gradients are its slice's.
 
   Returns:
     The per-example loss (the logits' shape without ``axis``) or a scalar:
@@ -707,5 +784,6 @@ def softmax_cross_entropy(
   fn = "softmax_cross_entropy"
   return _ce_jit(_checks.asarray(logits), _checks.asarray(labels),
                  _static_axis(axis), _checks.asarray(where),
-                 options(fn, label_smoothing, z_loss, logit_soft_cap),
+                 options(fn, label_smoothing, z_loss, logit_soft_cap,
+                         axis_name),
                  _checks.reduction(reduction, fn))

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,31 @@ def _tile_logits(h, w, b):
   if b is not None:
     logits = logits + b.astype(acc)
   return logits
+
+
+def _varying(x, axis_name, *like):
+  """A fresh accumulator ``x``, typed to vary over ``axis_name`` and over
+  the ``shard_map`` mesh axes that the arrays ``like`` vary over (a scan
+  carry must keep one type); ``x`` itself outside ``shard_map``."""
+  axes = set()
+  if axis_name is not None:
+    axes |= set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+  for ref in like:
+    if ref is not None:
+      axes |= _rules.varying_axes(ref)
+  axes -= _rules.varying_axes(x)
+  if not axes:
+    return x
+  return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying")
+
+
+def _cotangents(dh, dw, db, h, w, b):
+  """The VJP's outputs: each cotangent summed over the mesh axes its primal
+  is replicated on, in its primal's dtype; none for the labels, mask and
+  class weights."""
+  db = None if b is None else _rules.summed_like(db, b).astype(b.dtype)
+  return (_rules.summed_like(dh, h).astype(h.dtype),
+          _rules.summed_like(dw, w).astype(w.dtype), db, None, None, None)
 
 
 def _tiles(x, chunk):
@@ -102,19 +128,23 @@ def _lce_bwd(static, res, ct):
     g = _ce.int_ce_bwd(opts, (logits, y_t, None, r_t, weights, c_t[:, None],
                               s_t), ct_t)[0]
     g_in = g.astype(h.dtype)
-    dh_t = jnp.matmul(g_in, w.T, preferred_element_type=acc).astype(h.dtype)
+    dh_t = jnp.matmul(g_in, w.T, preferred_element_type=acc)
     dw = dw + jnp.matmul(h_t.T, g_in, preferred_element_type=acc)
     if db is not None:
       db = db + jnp.sum(g, axis=0)
     return (dw, db), dh_t
 
-  init = (jnp.zeros(w.shape, acc),
-          None if b is None else jnp.zeros(b.shape, acc))
+  ax = opts.axis_name
+  refs = (ax, h, w, b, ct)
+  init = (_varying(jnp.zeros(w.shape, acc), *refs),
+          None if b is None else _varying(jnp.zeros(b.shape, acc), *refs))
   (dw, db), dh = lax.scan(
       jax.checkpoint(tile), init, (_tiles(h, chunk), _tiles(labels, chunk),
-                   _tiles(rows, chunk), c, s, _tiles(ct, chunk)))
-  return (dh.reshape(h.shape), dw.astype(w.dtype),
-          None if b is None else db.astype(b.dtype), None, None, None)
+                                   _tiles(rows, chunk), c, s,
+                                   _tiles(ct, chunk)))
+  # With the classes sharded, each device holds part of h's gradient.
+  dh = _ce._psum(dh.reshape(h.shape), ax)
+  return _cotangents(dh, dw, db, h, w, b)
 
 
 def _lce_fun(static, h, w, b, labels, rows, weights):
@@ -145,9 +175,13 @@ def _vocab_tile(h, w, b, j, v, vocab):
 
 def _vocab_fwd(static, h, w, b, labels, rows, weights):
   opts, v, vocab = static
+  ax = opts.axis_name
   n = h.shape[0]
   acc = _checks.compute_dtype(h.dtype)
-  idx, ok, fill = _ce.label_terms(labels, None, rows, vocab)
+  # Labels are global; this device's classes start at `first`.
+  total = vocab * _ce.num_shards(ax)
+  first = 0 if ax is None else lax.axis_index(ax) * vocab
+  idx, ok, fill, _ = _ce.label_terms(labels, None, rows, total)
   floor = -float(jnp.finfo(acc).max)
 
   def tile(carry, j):
@@ -158,7 +192,7 @@ def _vocab_fwd(static, h, w, b, labels, rows, weights):
     x = jnp.where(valid, x, -jnp.inf)
     m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(x, axis=1)))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
-    here = cols == idx[:, None]
+    here = cols + first == idx[:, None]
     x_label = x_label + jnp.sum(jnp.where(here, x, 0), axis=1)
     if opts.smoothing:
       cw = (valid.astype(acc) if weights is None else
@@ -169,18 +203,30 @@ def _vocab_fwd(static, h, w, b, labels, rows, weights):
       wsum = wsum + jnp.sum(cw, axis=1)
     return (m_new, s, x_label, zsum, wsum), None
 
-  zeros = jnp.zeros((n,), acc)
-  init = (jnp.full((n,), floor, acc), zeros, zeros, zeros, zeros)
+  refs = (ax, h, w, b, labels)
+  zeros = _varying(jnp.zeros((n,), acc), *refs)
+  init = (_varying(jnp.full((n,), floor, acc), *refs), zeros, zeros, zeros,
+          zeros)
   (c, s, x_label, zsum, wsum), _ = lax.scan(
       tile, init, jnp.arange(w.shape[1] // v, dtype=jnp.int32))
+  if ax is not None:
+    # Combine the devices' online logsumexps: one max and four sums per
+    # token cross devices.
+    c_local = c
+    c = lax.pmax(c_local, ax)
+    s = lax.psum(s * jnp.exp(c_local - c), ax)
+    x_label = lax.psum(x_label, ax)
+    if opts.smoothing:
+      zsum = lax.psum(zsum + wsum * (c_local - c), ax)
+      wsum = lax.psum(wsum, ax)
   log_s = jnp.log(_ce.mass(s))
   loss = log_s - (x_label - c)
-  label_w, _ = _ce.int_targets(opts, weights, None, idx, vocab, acc)
+  label_w = _label_weight(opts, weights, idx, first, vocab, acc)
   if not (isinstance(label_w, float) and label_w == 1.0):
     loss = label_w * loss
   if opts.smoothing:
     # (ε/C)·Σ w·(log s − z) = (ε/C)·(log s·Σw − Σ w·z).
-    loss = loss + (opts.smoothing / max(vocab, 1)) * (log_s * wsum - zsum)
+    loss = loss + (opts.smoothing / max(total, 1)) * (log_s * wsum - zsum)
   if opts.z_loss:
     loss = loss + opts.z_loss * jnp.square(c + log_s)
   return jnp.where(ok, loss, fill), (h, w, b, labels, rows, weights, c, s)
@@ -188,16 +234,20 @@ def _vocab_fwd(static, h, w, b, labels, rows, weights):
 
 def _vocab_bwd(static, res, ct):
   opts, v, vocab = static
+  ax = opts.axis_name
   h, w, b, labels, rows, weights, c, s = res
   acc = _checks.compute_dtype(h.dtype)
-  idx, ok, fill = _ce.label_terms(labels, None, rows, vocab)
-  label_w, _ = _ce.int_targets(opts, weights, None, idx, vocab, acc)
+  total = vocab * _ce.num_shards(ax)
+  first = 0 if ax is None else lax.axis_index(ax) * vocab
+  idx, ok, fill, _ = _ce.label_terms(labels, None, rows, total)
+  label_w = _label_weight(opts, weights, idx, first, vocab, acc)
   wct = ct * jnp.where(ok, 1.0, fill)
   log_s = jnp.log(_ce.mass(s))
   k = label_w
   if opts.smoothing:
-    total = float(vocab) if weights is None else jnp.sum(weights)
-    k = k + opts.smoothing / max(vocab, 1) * total
+    mass = float(total) if weights is None else _ce._psum(jnp.sum(weights),
+                                                          ax)
+    k = k + opts.smoothing / max(total, 1) * mass
   if opts.z_loss:
     k = k + (2 * opts.z_loss) * (c + log_s)
   coef = (wct * k / _ce.mass(s))[:, None]
@@ -218,8 +268,8 @@ def _vocab_bwd(static, res, ct):
     if opts.smoothing:
       cw = (valid.astype(acc) if weights is None else
             lax.dynamic_slice_in_dim(weights, j * v, v)[None, :])
-      g = g - wct[:, None] * (opts.smoothing / max(vocab, 1)) * cw
-    g = jnp.where(cols == idx[:, None], g - at_label, g)
+      g = g - wct[:, None] * (opts.smoothing / max(total, 1)) * cw
+    g = jnp.where(cols + first == idx[:, None], g - at_label, g)
     if opts.cap is not None:
       g = g * slope
     has = ok | jnp.isnan(fill)
@@ -232,12 +282,26 @@ def _vocab_bwd(static, res, ct):
       db = lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0), j * v, 0)
     return (dh, dw, db), None
 
-  init = (jnp.zeros(h.shape, acc), jnp.zeros(w.shape, acc),
-          None if b is None else jnp.zeros(b.shape, acc))
+  refs = (ax, h, w, b, labels, ct)
+  init = (_varying(jnp.zeros(h.shape, acc), *refs),
+          _varying(jnp.zeros(w.shape, acc), *refs),
+          None if b is None else _varying(jnp.zeros(b.shape, acc), *refs))
   (dh, dw, db), _ = lax.scan(
-      jax.checkpoint(tile), init, jnp.arange(w.shape[1] // v, dtype=jnp.int32))
-  return (dh.astype(h.dtype), dw.astype(w.dtype),
-          None if b is None else db.astype(b.dtype), None, None, None)
+      jax.checkpoint(tile), init,
+      jnp.arange(w.shape[1] // v, dtype=jnp.int32))
+  dh = _ce._psum(dh, ax)  # each device holds part of h's gradient
+  return _cotangents(dh, dw, db, h, w, b)
+
+
+def _label_weight(opts, weights, idx, first, vocab, dtype):
+  """``(1 − ε)·w_y`` for global labels ``idx``, this device holding classes
+  ``[first, first + vocab)`` of ``weights`` (all of them without sharding)."""
+  local = idx - first
+  here = (local >= 0) & (local < vocab)
+  label_w, _ = _ce.int_targets(opts, weights, None,
+                               jnp.where(here, local, 0), vocab, dtype,
+                               None if opts.axis_name is None else here)
+  return label_w
 
 
 def _vocab_fun(static, h, w, b, labels, rows, weights):
@@ -282,7 +346,8 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, opts, chunk_size,
   h = hidden.reshape(n, d)
   y = labels.reshape(n)
   y, rows = _ce.ignore(y, None, ignore_index)
-  _checks.in_range(y, vocab, fn, None if rows is None else ~rows)
+  _checks.in_range(y, vocab * _ce.num_shards(opts.axis_name), fn,
+                   None if rows is None else ~rows)
   live = jnp.ones((n,), bool) if rows is None else rows
   if rows is not None:
     # Ignored tokens take no part at all: zeroing their features keeps even
@@ -304,7 +369,8 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, opts, chunk_size,
         (opts, chunk, vocab), h, jnp.pad(weight, ((0, 0), (0, pad))),
         None if bias is None else jnp.pad(bias, (0, pad)), y, live,
         None if weights is None else jnp.pad(weights, (0, pad)))
-  share = _ce.mean_share(reduction, y, None, rows, weights, vocab)
+  share = _ce.mean_share(reduction, y, None, rows, weights, vocab,
+                         opts.axis_name)
   return _ce.reduce(loss.reshape(batch), reduction, share)
 
 
@@ -315,7 +381,7 @@ def linear_cross_entropy(
     ignore_index: int | None = None, label_smoothing: float = 0.0,
     z_loss: float = 0.0, logit_soft_cap: float | None = None,
     class_weights: jax.typing.ArrayLike | None = None,
-    reduction: str = "none") -> jax.Array:
+    reduction: str = "none", axis_name: Any = None) -> jax.Array:
   r"""Cross-entropy of a linear head, ``CE(hidden @ weight + bias, labels)``,
   without materialising the ``[N, V]`` logits or their gradient.
 
@@ -364,6 +430,14 @@ def linear_cross_entropy(
     ignore_index, label_smoothing, z_loss, logit_soft_cap, class_weights,
       reduction: as in
       :func:`jsoft.softmax_cross_entropy_with_integer_labels`.
+    axis_name: inside ``shard_map``, the mesh axis ``weight``'s V axis (and
+      ``bias``, ``class_weights``) is sharded over, ``hidden`` and
+      ``labels`` (global class indices) being the same on each device of
+      it. Returns the global loss; the logits' max and sums cross devices
+      per token (per tile when looping over tokens), ``dh`` is summed over
+      the devices once, and each device's ``dW`` is its slice's: no
+      all-gather of logits or weights. The loop order follows the local
+      ``V``.
 
   Returns:
     The per-token loss ``[...]`` (float32 for 16-bit inputs, else the
@@ -388,6 +462,7 @@ def linear_cross_entropy(
       _checks.asarray(hidden), _checks.asarray(weight),
       _checks.asarray(labels), _checks.asarray(bias),
       _checks.asarray(class_weights),
-      _ce.options(fn, label_smoothing, z_loss, logit_soft_cap), chunk_size,
+      _ce.options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name),
+      chunk_size,
       _checks.static_int(ignore_index, fn, "ignore_index"),
       _checks.reduction(reduction, fn))
