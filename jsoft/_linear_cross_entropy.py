@@ -45,14 +45,19 @@ from jax import lax
 from jsoft import _checks, _rules
 from jsoft import _cross_entropy as _ce
 
-# Default memory budget for one tile of float32 logits (chunk_size=None).
+# Default memory budget for one float32 tile of logits (chunk_size=None):
+# 1/64 of the full logits, between 1 and 8 MiB.
 TILE_BYTES = 8 * 2**20
+MIN_TILE_BYTES = 2**20
 
 
-def default_chunk(length: int, other: int, budget: int = TILE_BYTES) -> int:
-  """Rows per tile along the loop's axis (``length``: tokens or classes):
-  as many as fit ``budget`` bytes of float32 logits against ``other``
-  columns, a multiple of 8 when possible, at least 1, at most ``length``."""
+def default_chunk(length: int, other: int, budget: int | None = None) -> int:
+  """Rows per tile along the loop's axis (``length``: tokens or classes)
+  against ``other`` columns: as many as fit ``budget`` bytes of float32
+  logits (by default 1/64 of all of them, clamped to [1, 8] MiB), a
+  multiple of 8 when possible, at least 1, at most ``length``."""
+  if budget is None:
+    budget = min(TILE_BYTES, max(MIN_TILE_BYTES, 4 * length * other // 64))
   chunk = max(1, budget // (4 * max(other, 1)))
   if chunk >= 8:
     chunk -= chunk % 8
@@ -416,8 +421,7 @@ def linear_cross_entropy(
   when looping over tokens, ``8·N·c + 4·N·D`` when looping over classes;
   plus ``8·N`` (each token's shift and sum). The unfused loss needs at
   least ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile
-  is 8 MiB: ``c = 2^21 / V`` tokens, or ``2^21 / N`` classes (a multiple
-  of 8).
+  is 1/64 of the full logits, clamped to 1–8 MiB (a multiple of 8 rows).
 
   Args:
     hidden: ``[..., D]`` floating features.
