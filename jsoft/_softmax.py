@@ -79,8 +79,14 @@ def mass(s: jax.Array) -> jax.Array:
   """``max(s, 1)`` for a sum ``s = Σ e^(x - c)``, which is 0 (no mass) or at
   least 1 (the max term is ``e^0``): a slice with no mass divides 0 by 1 and
   takes ``log 1 = 0``, so its softmax is 0 and its log-softmax ``-inf - 0``.
-  An elementwise max rather than a select, so it fuses."""
-  return jnp.maximum(s, 1)
+
+  A select, not ``jnp.maximum``: a confident prediction rounds ``s`` to
+  exactly 1, where ``maximum``'s derivative splits 1/2 : 1/2 between its
+  operands and would halve ``∂s`` in every second derivative (Hessians,
+  HVPs) computed through the VJP rules. Here ``∂mass/∂s`` is exactly 1 for
+  ``s ≥ 1``; NaN passes through (``NaN < 1`` is false). One select per row.
+  """
+  return jnp.where(s < 1, 1, s).astype(s.dtype)
 
 
 # ------------------------------------------------------------------ kernels

@@ -168,3 +168,30 @@ def test_reverse_over_reverse(case):
 def test_check_grads_order_2(case):
   _, f, _, x = case
   check_grads(f, (x,), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("name", ["integer", "probability", "linear"])
+def test_float32_hessian_of_a_confident_prediction(name):
+  # exp(-20) ≈ 2e-9: the sum of exponentials rounds to exactly 1 in float32,
+  # where a max(s, 1) guard would halve ∂s (Hessian diag(p) − p pᵀ/2).
+  logits = np.array([[20.0, 0.0, 0.0, 0.0]], np.float32)
+  y = np.array([0])
+  fns = {
+      "integer": lambda z: jsoft.softmax_cross_entropy_with_integer_labels(
+          z, y).sum(),
+      "probability": lambda z: jsoft.softmax_cross_entropy(
+          z, np.eye(4, dtype=np.float32)[y]).sum(),
+      "linear": lambda z: jsoft.linear_cross_entropy(
+          np.ones((1, 1), np.float32), z.reshape(1, 4), y).sum(),
+  }
+  hess = np.asarray(jax.hessian(fns[name])(jnp.asarray(logits)),
+                    np.float64).reshape(4, 4)
+  x = logits[0].astype(np.float64)
+  p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+  expected = np.diag(p) - np.outer(p, p)
+  # H[0, 0] = p₀(1 − p₀) ≈ 6e-9 is below float32's resolution at p₀ ≈ 1
+  # (any float32 evaluation cancels to within an ulp of 1.0); every other
+  # entry keeps its relative precision.
+  off = ~np.eye(4, dtype=bool) | (np.arange(4) > 0)[:, None]
+  np.testing.assert_allclose(hess[off], expected[off], rtol=1e-5, atol=1e-12)
+  assert abs(hess[0, 0] - expected[0, 0]) < 1.2e-7
