@@ -111,7 +111,8 @@ def test_probability_labels_in_shard_map(reduction):
 
 
 # (N, D, V, chunk): token loops (N ≥ V/8) and vocabulary loops (N < V/8).
-LCE_SHAPES = [(40, 3, 16, 8), (24, 4, 32, None), (3, 3, 64, 3), (4, 2, 72, None)]
+LCE_SHAPES = [(40, 3, 16, 8), (24, 4, 32, None), (3, 3, 64, 3),
+              (4, 2, 72, None)]
 
 
 @pytest.mark.parametrize("n,d,v,chunk", LCE_SHAPES)
