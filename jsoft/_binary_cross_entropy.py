@@ -80,15 +80,6 @@ def _bce_fun(static, logits, labels, pos_weight):
 _bce = _rules.vjp_rule(_bce_fun, _bce_fwd, _bce_bwd)
 
 
-def _broadcast(x, shape, fn, what):
-  try:
-    return jnp.broadcast_to(x, shape)
-  except ValueError:
-    raise ValueError(
-        f"jsoft.{fn}: {what} of shape {tuple(x.shape)} does not broadcast to "
-        f"the loss shape {tuple(shape)}.") from None
-
-
 @functools.partial(jax.jit, static_argnames=("reduction",))
 def _bce_jit(logits, labels, pos_weight, where, reduction):
   fn = "sigmoid_binary_cross_entropy"
@@ -106,7 +97,8 @@ def _bce_jit(logits, labels, pos_weight, where, reduction):
   if pos_weight is not None:
     pos_weight = _checks.real(jnp.asarray(pos_weight), fn, "pos_weight")
     pos_weight = lax.stop_gradient(
-        _broadcast(pos_weight.astype(dtype), shape, fn, "pos_weight"))
+        _checks.broadcast_to(pos_weight.astype(dtype), shape, fn,
+                             "pos_weight", "the loss shape"))
   if mask is not None:
     # Masked entries are computed on (0, 0) and then zeroed by select: an
     # exact 0 in the loss and in both gradients, whatever they held.

@@ -123,17 +123,22 @@ def _boolean(where: Any, fn: str) -> jax.Array:
   return where
 
 
+def broadcast_to(x: jax.Array, target: Sequence[int], fn: str, what: str,
+                 to: str = "the input shape") -> jax.Array:
+  """``x`` broadcast to ``target``, or ``ValueError`` naming both shapes."""
+  try:
+    return jnp.broadcast_to(x, tuple(target))
+  except ValueError:
+    raise ValueError(
+        f"jsoft.{fn}: {what} of shape {tuple(x.shape)} does not broadcast "
+        f"to {to} {tuple(target)}.") from None
+
+
 def mask(where: Any, target: Sequence[int], fn: str) -> jax.Array | None:
   """Checks a ``where=`` mask and broadcasts it to ``target``."""
   if where is None:
     return None
-  where = _boolean(where, fn)
-  try:
-    return jnp.broadcast_to(where, tuple(target))
-  except ValueError:
-    raise ValueError(
-        f"jsoft.{fn}: where of shape {tuple(where.shape)} does not broadcast "
-        f"to the input shape {tuple(target)}.") from None
+  return broadcast_to(_boolean(where, fn), target, fn, "where")
 
 
 def example_mask(where: Any, target: Sequence[int], batch: Sequence[int],

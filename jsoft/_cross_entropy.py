@@ -100,7 +100,8 @@ class Options(NamedTuple):
 # gradient of each slice is computed where it lives.
 
 
-def _psum(x, axis_name):
+def maybe_psum(x, axis_name):
+  """``psum`` over ``axis_name``, or ``x`` itself without sharding."""
   return x if axis_name is None else lax.psum(x, axis_name)
 
 
@@ -108,31 +109,27 @@ def num_shards(axis_name) -> int:
   return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-PLAIN = Options()
+def cap_logits(x: jax.Array, cap: float, apart: bool = False) -> jax.Array:
+  """``a·tanh(x/a)``; with ``apart``, spelled ``(−a)·tanh(x/(−a))``.
 
-
-def cap_logits(x: jax.Array, cap: float, spelling: int = 0) -> jax.Array:
-  """``a·tanh(x/a)``, in one of three spellings for the same values.
-
-  ``a·tanh(x/a)``, ``(−a)·tanh(x/(−a))`` (the same bits: ``tanh`` is odd and
-  IEEE division is sign-symmetric) and ``−a·tanh(−x/a)``. Each pass over
-  the logits uses its own, so XLA does not merge them into one stored
-  [N, C] array shared by the passes: recomputing ``tanh`` inside each fused
-  pass is cheaper than writing it out and reading it back.
+  The same bits (``tanh`` is odd and IEEE division is sign-symmetric), but
+  a different expression: a second pass over the logits uses it so that XLA
+  does not merge the two into one stored [N, C] array shared by the passes
+  (recomputing ``tanh`` inside each fused pass is cheaper than writing it
+  out and reading it back). The backward pass has its own form
+  (:func:`capped_with_slope`).
   """
-  if spelling == 0:
-    return cap * jnp.tanh(x / cap)
-  if spelling == 1:
-    return -cap * jnp.tanh(-x / cap)
-  return (-cap) * jnp.tanh(x / (-cap))
+  if apart:
+    return (-cap) * jnp.tanh(x / (-cap))
+  return cap * jnp.tanh(x / cap)
 
 
 def _logits(logits: jax.Array, entries: jax.Array | None,
-            cap: float | None, spelling: int = 0) -> jax.Array:
+            cap: float | None, apart: bool = False) -> jax.Array:
   """The logits the softmax sees: compute dtype, soft-capped, masked."""
   x = logits.astype(_checks.compute_dtype(logits.dtype))
   if cap is not None:
-    x = cap_logits(x, cap, spelling)
+    x = cap_logits(x, cap, apart)
   return masked(x, entries)
 
 
@@ -160,14 +157,13 @@ def capped_with_slope(logits: jax.Array, entries: jax.Array | None,
   return masked(capped, entries), slope
 
 
-def _target_sum(t, z, log_s, t_sum=None, axis_name=None):
+def _target_sum(t, z, log_s, t_sum, axis_name=None):
   """``Σ_c t_c·(log s − z_c)``, that is ``Σ t·(−log softmax)``.
 
-  Evaluated as ``log s·Σt + Σ(−t·z)``: both terms are ≥ 0 (``z ≤ 0``), so
-  nothing cancels, and the reduction over the classes does not depend on
-  ``log s`` — it runs in the same fused pass as ``s = Σ e^z`` instead of a
-  second pass over a materialised ``z``. ``t_sum`` is ``Σt`` when the
-  caller knows it.
+  Evaluated as ``log s·Σt + Σ(−t·z)`` with ``t_sum = Σt`` given (the
+  callers know it without a pass over the targets): both terms are ≥ 0
+  (``z ≤ 0``), so nothing cancels, and the reduction over the classes does
+  not depend on ``log s``, so it never waits for a materialised ``z``.
 
   ``z`` is clamped to the finite range so that a zero target on a ``-inf``
   logit adds ``0·finite = 0``, not ``0·inf = NaN``. Positive target mass on
@@ -181,16 +177,14 @@ def _target_sum(t, z, log_s, t_sum=None, axis_name=None):
   info = jnp.finfo(z.dtype)
   zc = jnp.maximum(z, -float(info.max))
   scale = 2.0 ** (info.maxexp - 1)
-  if t_sum is None:
-    t_sum = _psum(jnp.sum(jnp.broadcast_to(t, z.shape), axis=-1), axis_name)
   if jnp.ndim(t) == 0:
     # One positive target for every class (uniform smoothing): factored out
     # of the sum, which then reads only z. A −inf logit makes it +inf.
     lost = lax.stop_gradient(jnp.minimum(zc - z, scale) * scale)
-    return log_s[..., 0] * t_sum + t * _psum(jnp.sum(lost - zc, axis=-1),
+    return log_s[..., 0] * t_sum + t * maybe_psum(jnp.sum(lost - zc, axis=-1),
                                              axis_name)
   lost = lax.stop_gradient((t * jnp.minimum(zc - z, scale)) * scale)
-  return log_s[..., 0] * t_sum + _psum(jnp.sum(lost - t * zc, axis=-1),
+  return log_s[..., 0] * t_sum + maybe_psum(jnp.sum(lost - t * zc, axis=-1),
                                        axis_name)
 
 
@@ -261,7 +255,7 @@ def int_targets(opts, weights, entries, idx, num_classes, dtype, here=None):
   else:
     w_y = jnp.take(weights, idx)
     if here is not None:
-      w_y = _psum(jnp.where(here, w_y, 0), opts.axis_name)
+      w_y = maybe_psum(jnp.where(here, w_y, 0), opts.axis_name)
     label_w = keep * w_y
   if not opts.smoothing:
     return label_w, None
@@ -272,7 +266,7 @@ def int_targets(opts, weights, entries, idx, num_classes, dtype, here=None):
                                                      dtype))
 
 
-def _shifted(logits, entries, cap, spelling=0, axis_name=None):
+def _shifted(logits, entries, cap, apart=False, axis_name=None):
   """``(x̃, c, raw)``: the logits the softmax sees, their row max, and the
   masked logits before the cap.
 
@@ -286,7 +280,7 @@ def _shifted(logits, entries, cap, spelling=0, axis_name=None):
     c = lax.pmax(c, axis_name)
   if cap is None:
     return raw, c, raw
-  return (_logits(logits, entries, cap, spelling), cap_logits(c, cap, spelling),
+  return (_logits(logits, entries, cap, apart), cap_logits(c, cap, apart),
           raw)
 
 
@@ -296,7 +290,7 @@ def _smooth_mass(smooth, weights, entries, opts, shape):
     if weights is None:
       return opts.smoothing
     total = shape[-1] * num_shards(opts.axis_name)
-    return opts.smoothing / max(total, 1) * _psum(jnp.sum(weights),
+    return opts.smoothing / max(total, 1) * maybe_psum(jnp.sum(weights),
                                                   opts.axis_name)
   return jnp.sum(jnp.broadcast_to(smooth, shape), axis=-1)
 
@@ -308,13 +302,13 @@ def int_ce_fwd(opts, logits, labels, entries, rows, weights):
   label_w, smooth = int_targets(opts, weights, entries, idx,
                                 x.shape[-1] * num_shards(ax), x.dtype, here)
   # One fused pass over the logits (and one psum of a number per example).
-  s = _psum(jnp.sum(jnp.exp(x - c), axis=-1), ax)
+  s = maybe_psum(jnp.sum(jnp.exp(x - c), axis=-1), ax)
   log_s = jnp.log(mass(s))
   x_label = _label_logit(raw, idx)
   if opts.cap is not None:
-    x_label = opts.cap * jnp.tanh(x_label / opts.cap)
+    x_label = cap_logits(x_label, opts.cap)
   if here is not None:  # the label's logit, from the device that holds it
-    x_label = _psum(jnp.where(here[..., None], x_label, 0), ax)
+    x_label = maybe_psum(jnp.where(here[..., None], x_label, 0), ax)
   z_label = (x_label - c)[..., 0]
   # −log softmax(x)_y = log s − (x_y − m): from the shifted logits, so
   # [-1000]*3 gives log 3 − 0 exactly. A label without mass gives +inf.
@@ -328,7 +322,7 @@ def int_ce_fwd(opts, logits, labels, entries, rows, weights):
     if opts.cap is None:
       z2 = x + (-c)
     else:
-      x2, c2, _ = _shifted(logits, entries, opts.cap, spelling=2,
+      x2, c2, _ = _shifted(logits, entries, opts.cap, apart=True,
                            axis_name=ax)
       z2 = x2 - c2
     loss = loss + _target_sum(
@@ -397,20 +391,14 @@ _int_ce = _rules.vjp_rule(_int_ce_fun, int_ce_fwd, int_ce_bwd)
 # -------------------------------------------------- probability-label kernel
 
 
-def _prob_targets(opts, labels, entries, dtype, backward=False):
+def _prob_targets(opts, labels, entries, dtype):
   """The target in compute dtype: smoothed to ``(1 − ε)·t + ε/C'`` (torch's
   smoothing of probability targets; ``C'`` counts the unmasked classes) and
-  zero on masked entries. The backward pass spells the smoothing
-  ``ε/C' − (ε − 1)·t`` (the same value) so that XLA does not store the
-  forward's as an [N, C] array for it."""
+  zero on masked entries."""
   t = labels.astype(dtype)
   if opts.smoothing:
-    spread = opts.smoothing / _class_count(
+    t = (1.0 - opts.smoothing) * t + opts.smoothing / _class_count(
         entries, t.shape[-1] * num_shards(opts.axis_name), dtype)
-    if backward:
-      t = spread - (opts.smoothing - 1.0) * t
-    else:
-      t = (1.0 - opts.smoothing) * t + spread
   if entries is not None:
     t = jnp.where(entries, t, 0)
   return t
@@ -422,7 +410,7 @@ def _prob_target_mass(opts, labels, entries, dtype):
   t = labels.astype(dtype)
   if entries is not None:
     t = jnp.where(entries, t, 0)
-  total = _psum(jnp.sum(t, axis=-1, keepdims=True), opts.axis_name)
+  total = maybe_psum(jnp.sum(t, axis=-1, keepdims=True), opts.axis_name)
   if not opts.smoothing:
     return total
   spread = opts.smoothing if entries is None else opts.smoothing * jnp.any(
@@ -434,14 +422,14 @@ def _ce_fwd(opts, logits, labels, entries, rows):
   ax = opts.axis_name
   x, c, _ = _shifted(logits, entries, opts.cap, axis_name=ax)
   t = _prob_targets(opts, labels, entries, x.dtype)
-  s = _psum(jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True), ax)
+  s = maybe_psum(jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True), ax)
   log_s = jnp.log(mass(s))
   # The target sum reads the logits in a pass of its own, spelled apart from
   # the one above (see int_ce_fwd).
   if opts.cap is None:
     z2 = x + (-c)
   else:
-    x2, c2, _ = _shifted(logits, entries, opts.cap, spelling=2, axis_name=ax)
+    x2, c2, _ = _shifted(logits, entries, opts.cap, apart=True, axis_name=ax)
     z2 = x2 - c2
   loss = _target_sum(t, z2, log_s,
                      _prob_target_mass(opts, labels, entries, x.dtype)[..., 0],
@@ -459,7 +447,7 @@ def _ce_bwd(opts, res, ct):
     x = _logits(logits, entries, None)
   else:
     x, slope = capped_with_slope(logits, entries, opts.cap)
-  t = _prob_targets(opts, labels, entries, x.dtype, backward=True)
+  t = _prob_targets(opts, labels, entries, x.dtype)
   z = x + (-c)  # x − c, not shared with the forward (see int_ce_bwd)
   log_s = jnp.log(mass(s))
   ct = ct[..., None]
@@ -610,9 +598,8 @@ def mean_share(reduction, labels, entries, rows, weights, num_classes,
                                  axis_name)
   if weights is None:
     return ok
-  w_y = jnp.take(weights, idx) if num_classes else jnp.zeros(idx.shape)
-  if here is not None:
-    w_y = _psum(jnp.where(here, w_y, 0), axis_name)
+  w_y, _ = int_targets(Options(axis_name=axis_name), weights, None, idx,
+                       num_classes, weights.dtype, here)
   return jnp.where(ok, w_y, 0)
 
 

@@ -148,7 +148,7 @@ def _lce_bwd(static, res, ct):
                                    _tiles(rows, chunk), c, s,
                                    _tiles(ct, chunk)))
   # With the classes sharded, each device holds part of h's gradient.
-  dh = _ce._psum(dh.reshape(h.shape), ax)
+  dh = _ce.maybe_psum(dh.reshape(h.shape), ax)
   return _cotangents(dh, dw, db, h, w, b)
 
 
@@ -169,13 +169,22 @@ _lce = _rules.vjp_rule(_lce_fun, _lce_fwd, _lce_bwd)
 
 
 def _vocab_tile(h, w, b, j, v, vocab):
-  """Tile ``j`` of the logits (``[N, v]``, compute dtype, before the cap),
-  its class indices, and which of them are real (not padding)."""
+  """Tile ``j``: its logits (``[N, v]``, compute dtype, before the cap), its
+  class indices, which of them are real (not padding), and its slice of
+  ``w``."""
   w_t = lax.dynamic_slice_in_dim(w, j * v, v, axis=1)
   b_t = None if b is None else lax.dynamic_slice_in_dim(b, j * v, v)
   x = _tile_logits(h, w_t, b_t)
   cols = j * v + lax.broadcasted_iota(jnp.int32, (1, v), 1)
-  return x, cols, cols < vocab
+  return x, cols, cols < vocab, w_t
+
+
+def _smoothing_weights(weights, valid, j, v, dtype):
+  """Tile ``j``'s class weights for the smoothing target (1 without
+  ``class_weights``), 0 on padding."""
+  if weights is None:
+    return valid.astype(dtype)
+  return lax.dynamic_slice_in_dim(weights, j * v, v)[None, :]
 
 
 def _vocab_fwd(static, h, w, b, labels, rows, weights):
@@ -191,7 +200,7 @@ def _vocab_fwd(static, h, w, b, labels, rows, weights):
 
   def tile(carry, j):
     m, s, x_label, zsum, wsum = carry
-    x, cols, valid = _vocab_tile(h, w, b, j, v, vocab)
+    x, cols, valid, _ = _vocab_tile(h, w, b, j, v, vocab)
     if opts.cap is not None:
       x = _ce.cap_logits(x, opts.cap)
     x = jnp.where(valid, x, -jnp.inf)
@@ -200,8 +209,7 @@ def _vocab_fwd(static, h, w, b, labels, rows, weights):
     here = cols + first == idx[:, None]
     x_label = x_label + jnp.sum(jnp.where(here, x, 0), axis=1)
     if opts.smoothing:
-      cw = (valid.astype(acc) if weights is None else
-            lax.dynamic_slice_in_dim(weights, j * v, v)[None, :])
+      cw = _smoothing_weights(weights, valid, j, v, acc)
       # Σ w·(x̃ − m) over the classes seen so far, re-based on the new max.
       zsum = (zsum + wsum * (m - m_new)
               + jnp.sum(jnp.where(valid, cw * (x - m_new[:, None]), 0), 1))
@@ -250,7 +258,7 @@ def _vocab_bwd(static, res, ct):
   log_s = jnp.log(_ce.mass(s))
   k = label_w
   if opts.smoothing:
-    mass = float(total) if weights is None else _ce._psum(jnp.sum(weights),
+    mass = float(total) if weights is None else _ce.maybe_psum(jnp.sum(weights),
                                                           ax)
     k = k + opts.smoothing / max(total, 1) * mass
   if opts.z_loss:
@@ -261,8 +269,7 @@ def _vocab_bwd(static, res, ct):
 
   def tile(carry, j):
     dh, dw, db = carry
-    w_t = lax.dynamic_slice_in_dim(w, j * v, v, axis=1)
-    raw, cols, valid = _vocab_tile(h, w, b, j, v, vocab)
+    raw, cols, valid, w_t = _vocab_tile(h, w, b, j, v, vocab)
     if opts.cap is None:
       x = raw
     else:
@@ -271,8 +278,7 @@ def _vocab_bwd(static, res, ct):
     # y − t on the tile: softmax·k − (label weight at the label + ε·w/C).
     g = jnp.exp(x - c[:, None]) * coef
     if opts.smoothing:
-      cw = (valid.astype(acc) if weights is None else
-            lax.dynamic_slice_in_dim(weights, j * v, v)[None, :])
+      cw = _smoothing_weights(weights, valid, j, v, acc)
       g = g - wct[:, None] * (opts.smoothing / max(total, 1)) * cw
     g = jnp.where(cols + first == idx[:, None], g - at_label, g)
     if opts.cap is not None:
@@ -294,7 +300,7 @@ def _vocab_bwd(static, res, ct):
   (dh, dw, db), _ = lax.scan(
       jax.checkpoint(tile), init,
       jnp.arange(w.shape[1] // v, dtype=jnp.int32))
-  dh = _ce._psum(dh, ax)  # each device holds part of h's gradient
+  dh = _ce.maybe_psum(dh, ax)  # each device holds part of h's gradient
   return _cotangents(dh, dw, db, h, w, b)
 
 
