@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsoft import _checks, _rules
-from jsoft._cross_entropy import reduce
+from jsoft._options import reduce
 from jsoft._sigmoid import sigmoid_pair, softplus_pair
 
 

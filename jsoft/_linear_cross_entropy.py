@@ -1,35 +1,12 @@
-r"""Fused linear cross-entropy: the loss of ``h @ W + b`` without the logits.
+r"""``linear_cross_entropy``: the loss of an LM head without its logits.
 
-For a language-model head the logits ``[N, V]`` dominate memory (8192 tokens
-× 128k vocabulary in float32 is 4 GiB, and as much again for their
-gradient). :func:`linear_cross_entropy` computes
-
-.. math::
-  L_n = \operatorname{CE}\bigl(h_n W + b,\ y_n\bigr)
-
-— exactly :func:`jsoft.softmax_cross_entropy_with_integer_labels` of the
-logits, with every option — one tile at a time inside a ``lax.scan``, so
-at most one tile of logits exists at once.
-
-Its ``jax.custom_vjp`` rule saves only each token's shift and sum (two
-floats per token) and, in the backward pass, recomputes each tile of
-logits, applies the same ``y - t`` rule as the unfused loss to the tile
-(``g = softmax·k − t``, in float32), and folds it straight into the
-gradients:
-
-.. math::
-  \frac{\partial L}{\partial h} = g\,W^\top, \qquad
-  \frac{\partial L}{\partial W} = \sum_{\text{tiles}} h^\top g, \qquad
-  \frac{\partial L}{\partial b} = \sum_{\text{tiles}} \textstyle\sum_n g .
-
-The price is one more ``[chunk, D] × [D, V]`` matmul per tile (the forward
-one, recomputed). ``dW`` accumulates in float32 whatever the input dtype.
-
-Loop order: with at least as many tokens as classes the tiles run over
-tokens (``[c, V]``), and the accumulator is ``dW`` (``[D, V]``); with fewer
-tokens than classes they run over the vocabulary (``[N, c]``, with an online
-logsumexp: a running max and sum per token), and the accumulator is ``dh``
-(``[N, D]``). Either way the accumulator is the smaller of the two.
+For a language-model head the logits ``[N, V]`` dominate memory (8192
+tokens × 128k vocabulary in float32 is 4 GiB, and as much again for their
+gradient). :func:`linear_cross_entropy` is the integer-label loss of
+``h @ W + b`` computed by the fused driver (:mod:`jsoft._fused`), which
+holds one tile of logits at a time; this module checks the arguments,
+pads to whole tiles, picks the loop order and the tile, and combines the
+per-token sums with the same rule as the unfused loss.
 """
 
 from __future__ import annotations
@@ -40,10 +17,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jsoft import _checks, _rules
-from jsoft import _cross_entropy as _ce
+from jsoft import _checks, _collectives, _fused, _loss_rule, _options, _targets
 
 # Default memory budget for one float32 tile of logits (chunk_size=None):
 # 1/64 of the full logits, between 1 and 8 MiB.
@@ -64,262 +39,48 @@ def default_chunk(length: int, other: int, budget: int | None = None) -> int:
   return max(1, min(chunk, length))
 
 
-def _tile_logits(h, w, b):
-  """One tile of logits, accumulated and returned in the compute dtype
-  (float32 for 16-bit inputs)."""
-  acc = _checks.compute_dtype(h.dtype)
-  logits = jnp.matmul(h, w, preferred_element_type=acc)
-  if b is not None:
-    logits = logits + b.astype(acc)
-  return logits
-
-
-def _varying(x, axis_name, *like):
-  """A fresh accumulator ``x``, typed to vary over ``axis_name`` and over
-  the ``shard_map`` mesh axes that the arrays ``like`` vary over (a scan
-  carry must keep one type); ``x`` itself outside ``shard_map``."""
-  axes = set()
-  if axis_name is not None:
-    axes |= set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
-  for ref in like:
-    if ref is not None:
-      axes |= _rules.varying_axes(ref)
-  axes -= _rules.varying_axes(x)
-  if not axes:
+def _pad(x: Any, pad: int, axis: int = 0, value: Any = 0) -> Any:
+  """``x`` padded at the end of ``axis`` (None and numbers unchanged)."""
+  if x is None or jnp.ndim(x) == 0 or not pad:
     return x
-  return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying")
+  widths = [(0, 0)] * jnp.ndim(x)
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
 
 
-def _cotangents(dh, dw, db, h, w, b):
-  """The VJP's outputs: each cotangent summed over the mesh axes its primal
-  is replicated on, in its primal's dtype; none for the labels, mask and
-  class weights."""
-  db = None if b is None else _rules.summed_like(db, b).astype(b.dtype)
-  return (_rules.summed_like(dh, h).astype(h.dtype),
-          _rules.summed_like(dw, w).astype(w.dtype), db, None, None, None)
-
-
-def _tiles(x, chunk):
-  """``[N, ...]`` as ``[N / chunk, chunk, ...]`` (N a multiple of chunk)."""
-  return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
-
-
-def _lce_fwd(static, h, w, b, labels, rows, weights):
-  opts, chunk = static
-
-  def tile(_, xs):
-    h_t, y_t, r_t = xs
-    loss, res = _ce.int_ce_fwd(opts, _tile_logits(h_t, w, b), y_t, None, r_t,
-                               weights)
-    c, s = res[-2], res[-1]
-    return None, (loss, c[:, 0], s)
-
-  _, (loss, c, s) = lax.scan(
-      tile, None, (_tiles(h, chunk), _tiles(labels, chunk),
-                   _tiles(rows, chunk)))
-  return loss.reshape(-1), (h, w, b, labels, rows, weights, c, s)
-
-
-def _lce_bwd(static, res, ct):
-  opts, chunk = static
-  h, w, b, labels, rows, weights, c, s = res
+def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
+  """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``)."""
+  n, vocab = h.shape[0], w.shape[1]
   acc = _checks.compute_dtype(h.dtype)
-
-  def tile(carry, xs):
-    dw, db = carry
-    h_t, y_t, r_t, c_t, s_t, ct_t = xs
-    logits = _tile_logits(h_t, w, b)
-    # The unfused loss's y − t rule on this tile, in float32.
-    g = _ce.int_ce_bwd(opts, (logits, y_t, None, r_t, weights, c_t[:, None],
-                              s_t), ct_t)[0]
-    g_in = g.astype(h.dtype)
-    dh_t = jnp.matmul(g_in, w.T, preferred_element_type=acc)
-    dw = dw + jnp.matmul(h_t.T, g_in, preferred_element_type=acc)
-    if db is not None:
-      db = db + jnp.sum(g, axis=0)
-    return (dw, db), dh_t
-
+  target, scale = _targets.integer(opts, y, None, rows, weights, vocab, acc)
+  dense = _targets.smoothing(scale, weights, None)  # a number, or [V]
+  by_tokens = n >= vocab
+  if by_tokens:
+    # Tiles of tokens; padding tokens get a zero cotangent.
+    chunk = chunk_size or default_chunk(n, vocab)
+    pad = -n % chunk
+    h_, y_, keep = _pad(h, pad), _pad(target.label, pad), _pad(
+        target.keep, pad, value=False)
+    w_, b_, dense_ = w, b, dense
+  else:
+    # Tiles of classes; padding classes are masked out of every tile.
+    chunk = chunk_size or default_chunk(vocab, n)
+    pad = -vocab % chunk
+    h_, y_, keep = h, target.label, target.keep
+    w_, b_, dense_ = _pad(w, pad, axis=1), _pad(b, pad), _pad(dense, pad)
+  loop = _fused.Loop(opts.cap, chunk, vocab, by_tokens, opts.axis_name)
+  shift, sums = _fused.head_sums(loop, h_, w_, b_, y_, keep, dense_)
+  shift, sums = jax.tree.map(lambda x: x[:n], (shift, sums))
   ax = opts.axis_name
-  refs = (ax, h, w, b, ct)
-  init = (_varying(jnp.zeros(w.shape, acc), *refs),
-          None if b is None else _varying(jnp.zeros(b.shape, acc), *refs))
-  (dw, db), dh = lax.scan(
-      jax.checkpoint(tile), init, (_tiles(h, chunk), _tiles(labels, chunk),
-                                   _tiles(rows, chunk), c, s,
-                                   _tiles(ct, chunk)))
-  # With the classes sharded, each device holds part of h's gradient.
-  dh = _ce.maybe_psum(dh.reshape(h.shape), ax)
-  return _cotangents(dh, dw, db, h, w, b)
-
-
-def _lce_fun(static, h, w, b, labels, rows, weights):
-  return _lce_fwd(static, h, w, b, labels, rows, weights)[0]
-
-
-_lce = _rules.vjp_rule(_lce_fun, _lce_fwd, _lce_bwd)
-
-
-# ------------------------------------------------ loop over the vocabulary
-#
-# With fewer tokens than classes the tiles run over the vocabulary instead:
-# each tile is [N, v] and the accumulator is dh ([N, D]), smaller than dW.
-# The forward pass keeps a running max and sum per token (the online
-# logsumexp), the label's logit once its tile has passed, and for label
-# smoothing the running Σ w·(x̃ − max), rescaled when the max moves.
-
-
-def _vocab_tile(h, w, b, j, v, vocab):
-  """Tile ``j``: its logits (``[N, v]``, compute dtype, before the cap), its
-  class indices, which of them are real (not padding), and its slice of
-  ``w``."""
-  w_t = lax.dynamic_slice_in_dim(w, j * v, v, axis=1)
-  b_t = None if b is None else lax.dynamic_slice_in_dim(b, j * v, v)
-  x = _tile_logits(h, w_t, b_t)
-  cols = j * v + lax.broadcasted_iota(jnp.int32, (1, v), 1)
-  return x, cols, cols < vocab, w_t
-
-
-def _smoothing_weights(weights, valid, j, v, dtype):
-  """Tile ``j``'s class weights for the smoothing target (1 without
-  ``class_weights``), 0 on padding."""
-  if weights is None:
-    return valid.astype(dtype)
-  return lax.dynamic_slice_in_dim(weights, j * v, v)[None, :]
-
-
-def _vocab_fwd(static, h, w, b, labels, rows, weights):
-  opts, v, vocab = static
-  ax = opts.axis_name
-  n = h.shape[0]
-  acc = _checks.compute_dtype(h.dtype)
-  # Labels are global; this device's classes start at `first`.
-  total = vocab * _ce.num_shards(ax)
-  first = 0 if ax is None else lax.axis_index(ax) * vocab
-  idx, ok, fill, _ = _ce.label_terms(labels, None, rows, total)
-  floor = -float(jnp.finfo(acc).max)
-
-  def tile(carry, j):
-    m, s, x_label, zsum, wsum = carry
-    x, cols, valid, _ = _vocab_tile(h, w, b, j, v, vocab)
-    if opts.cap is not None:
-      x = _ce.cap_logits(x, opts.cap)
-    x = jnp.where(valid, x, -jnp.inf)
-    m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(x, axis=1)))
-    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
-    here = cols + first == idx[:, None]
-    x_label = x_label + jnp.sum(jnp.where(here, x, 0), axis=1)
-    if opts.smoothing:
-      cw = _smoothing_weights(weights, valid, j, v, acc)
-      # Σ w·(x̃ − m) over the classes seen so far, re-based on the new max.
-      zsum = (zsum + wsum * (m - m_new)
-              + jnp.sum(jnp.where(valid, cw * (x - m_new[:, None]), 0), 1))
-      wsum = wsum + jnp.sum(cw, axis=1)
-    return (m_new, s, x_label, zsum, wsum), None
-
-  refs = (ax, h, w, b, labels)
-  zeros = _varying(jnp.zeros((n,), acc), *refs)
-  init = (_varying(jnp.full((n,), floor, acc), *refs), zeros, zeros, zeros,
-          zeros)
-  (c, s, x_label, zsum, wsum), _ = lax.scan(
-      tile, init, jnp.arange(w.shape[1] // v, dtype=jnp.int32))
   if ax is not None:
-    # Combine the devices' online logsumexps: one max and four sums per
-    # token cross devices.
-    c_local = c
-    c = lax.pmax(c_local, ax)
-    s = lax.psum(s * jnp.exp(c_local - c), ax)
-    x_label = lax.psum(x_label, ax)
-    if opts.smoothing:
-      zsum = lax.psum(zsum + wsum * (c_local - c), ax)
-      wsum = lax.psum(wsum, ax)
-  log_s = jnp.log(_ce.mass(s))
-  loss = log_s - (x_label - c)
-  label_w = _label_weight(opts, weights, idx, first, vocab, acc)
-  if not (isinstance(label_w, float) and label_w == 1.0):
-    loss = label_w * loss
-  if opts.smoothing:
-    # (ε/C)·Σ w·(log s − z) = (ε/C)·(log s·Σw − Σ w·z).
-    loss = loss + (opts.smoothing / max(total, 1)) * (log_s * wsum - zsum)
-  if opts.z_loss:
-    loss = loss + opts.z_loss * jnp.square(c + log_s)
-  return jnp.where(ok, loss, fill), (h, w, b, labels, rows, weights, c, s)
-
-
-def _vocab_bwd(static, res, ct):
-  opts, v, vocab = static
-  ax = opts.axis_name
-  h, w, b, labels, rows, weights, c, s = res
-  acc = _checks.compute_dtype(h.dtype)
-  total = vocab * _ce.num_shards(ax)
-  first = 0 if ax is None else lax.axis_index(ax) * vocab
-  idx, ok, fill, _ = _ce.label_terms(labels, None, rows, total)
-  label_w = _label_weight(opts, weights, idx, first, vocab, acc)
-  wct = ct * jnp.where(ok, 1.0, fill)
-  log_s = jnp.log(_ce.mass(s))
-  k = label_w
-  if opts.smoothing:
-    mass = float(total) if weights is None else _ce.maybe_psum(jnp.sum(weights),
-                                                          ax)
-    k = k + opts.smoothing / max(total, 1) * mass
-  if opts.z_loss:
-    k = k + (2 * opts.z_loss) * (c + log_s)
-  coef = (wct * k / _ce.mass(s))[:, None]
-  at_label = (wct if isinstance(label_w, float) and label_w == 1.0 else
-              wct * label_w)[:, None]
-
-  def tile(carry, j):
-    dh, dw, db = carry
-    raw, cols, valid, w_t = _vocab_tile(h, w, b, j, v, vocab)
-    if opts.cap is None:
-      x = raw
-    else:
-      x, slope = _ce.capped_with_slope(raw, None, opts.cap)
-    x = jnp.where(valid, x, -jnp.inf)
-    # y − t on the tile: softmax·k − (label weight at the label + ε·w/C).
-    g = jnp.exp(x - c[:, None]) * coef
-    if opts.smoothing:
-      cw = _smoothing_weights(weights, valid, j, v, acc)
-      g = g - wct[:, None] * (opts.smoothing / max(total, 1)) * cw
-    g = jnp.where(cols + first == idx[:, None], g - at_label, g)
-    if opts.cap is not None:
-      g = g * slope
-    has = ok | jnp.isnan(fill)
-    g = jnp.where(has[:, None] & valid, g, 0)
-    g_in = g.astype(h.dtype)
-    dh = dh + jnp.matmul(g_in, w_t.T, preferred_element_type=acc)
-    dw = lax.dynamic_update_slice_in_dim(
-        dw, jnp.matmul(h.T, g_in, preferred_element_type=acc), j * v, axis=1)
-    if db is not None:
-      db = lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0), j * v, 0)
-    return (dh, dw, db), None
-
-  refs = (ax, h, w, b, labels, ct)
-  init = (_varying(jnp.zeros(h.shape, acc), *refs),
-          _varying(jnp.zeros(w.shape, acc), *refs),
-          None if b is None else _varying(jnp.zeros(b.shape, acc), *refs))
-  (dh, dw, db), _ = lax.scan(
-      jax.checkpoint(tile), init,
-      jnp.arange(w.shape[1] // v, dtype=jnp.int32))
-  dh = _ce.maybe_psum(dh, ax)  # each device holds part of h's gradient
-  return _cotangents(dh, dw, db, h, w, b)
-
-
-def _label_weight(opts, weights, idx, first, vocab, dtype):
-  """``(1 − ε)·w_y`` for global labels ``idx``, this device holding classes
-  ``[first, first + vocab)`` of ``weights`` (all of them without sharding)."""
-  local = idx - first
-  here = (local >= 0) & (local < vocab)
-  label_w, _ = _ce.int_targets(opts, weights, None,
-                               jnp.where(here, local, 0), vocab, dtype,
-                               None if opts.axis_name is None else here)
-  return label_w
-
-
-def _vocab_fun(static, h, w, b, labels, rows, weights):
-  return _vocab_fwd(static, h, w, b, labels, rows, weights)[0]
-
-
-_vocab_lce = _rules.vjp_rule(_vocab_fun, _vocab_fwd, _vocab_bwd)
+    # Each device's sums, moved to the global max, then added: one max
+    # and two or three sums per token cross devices.
+    local = 0.0 if dense is None else (
+        dense * vocab if jnp.ndim(dense) == 0 else jnp.sum(dense))
+    top = _collectives.pmax(shift, ax)
+    sums = _collectives.psum(_loss_rule.rebase(sums, shift, top, local), ax)
+    shift = top
+  return _loss_rule.row_loss(target, shift, sums, opts.z_loss), target
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "chunk_size",
@@ -355,34 +116,20 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, opts, chunk_size,
 
   n = math.prod(batch)
   h = hidden.reshape(n, d)
-  y = labels.reshape(n)
-  y, rows = _ce.ignore(y, None, ignore_index)
-  _checks.in_range(y, vocab * _ce.num_shards(opts.axis_name), fn,
+  y, rows = _options.ignore(labels.reshape(n), None, ignore_index)
+  _checks.in_range(y, vocab * _collectives.num_shards(opts.axis_name), fn,
                    None if rows is None else ~rows)
-  live = jnp.ones((n,), bool) if rows is None else rows
   if rows is not None:
     # Ignored tokens take no part at all: zeroing their features keeps even
     # a NaN in them out of dW (0·NaN would be NaN).
     h = jnp.where(rows[:, None], h, 0)
-  if n >= vocab:
-    # Tiles of tokens; the accumulator is dW [D, V]. Padding tokens (to
-    # whole tiles) are masked rows: no loss, no gradient.
-    chunk = chunk_size or default_chunk(n, vocab)
-    pad = -n % chunk
-    loss = _lce((opts, chunk), jnp.pad(h, ((0, pad), (0, 0))), weight, bias,
-                jnp.pad(y, (0, pad)), jnp.pad(live, (0, pad)), weights)[:n]
-  else:
-    # Tiles of classes; the accumulator is dh [N, D]. Padding classes (to
-    # whole tiles) have no mass and get no gradient.
-    chunk = chunk_size or default_chunk(vocab, n)
-    pad = -vocab % chunk
-    loss = _vocab_lce(
-        (opts, chunk, vocab), h, jnp.pad(weight, ((0, 0), (0, pad))),
-        None if bias is None else jnp.pad(bias, (0, pad)), y, live,
-        None if weights is None else jnp.pad(weights, (0, pad)))
-  share = _ce.mean_share(reduction, y, None, rows, weights, vocab,
-                         opts.axis_name)
-  return _ce.reduce(loss.reshape(batch), reduction, share)
+  loss, target = _head_loss(opts, chunk_size, h, weight, bias, y, rows,
+                            weights)
+  share = None
+  if reduction == "mean":
+    share = _targets.mean_share(target, weights is not None or
+                                rows is not None)
+  return _options.reduce(loss.reshape(batch), reduction, share)
 
 
 def linear_cross_entropy(
@@ -472,7 +219,7 @@ def linear_cross_entropy(
       _checks.asarray(hidden), _checks.asarray(weight),
       _checks.asarray(labels), _checks.asarray(bias),
       _checks.asarray(class_weights),
-      _ce.options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name),
+      _options.options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name),
       chunk_size,
       _checks.static_int(ignore_index, fn, "ignore_index"),
       _checks.reduction(reduction, fn))

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 
@@ -73,25 +72,3 @@ def vjp_rule(fun: Callable[..., jax.Array], fwd: Callable[..., Any],
 
   f.defjvp(f_jvp, symbolic_zeros=True)
   return f
-
-
-# ------------------------------------------------------------ shard_map
-
-
-def varying_axes(x) -> set:
-  """The ``shard_map`` mesh axes ``x`` varies over (empty outside)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)  # manual-axis type, where JAX has it
-  if mat is not None:
-    return set(mat.varying)
-  return set(getattr(aval, "vma", ()) or ())
-
-
-def summed_like(ct, primal):
-  """``ct`` summed over the mesh axes it varies over but ``primal`` does not
-  (``primal`` was implicitly the same on those devices: its cotangent is
-  the sum), so a VJP rule returns the primal's type."""
-  extra = varying_axes(ct) - varying_axes(primal)
-  if not extra:
-    return ct
-  return lax.psum(ct, tuple(sorted(extra, key=str)))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks
+from jsoft import _checks, _fusion
 
 Axis = int | tuple[int, ...] | None
 
@@ -89,13 +89,6 @@ def mass(s: jax.Array) -> jax.Array:
   return jnp.where(s < 1, 1, s).astype(s.dtype)
 
 
-def _fused_mass(s: jax.Array) -> jax.Array:
-  """:func:`mass` as ``max(s, 1)``, an elementwise op that fuses with the
-  sum before it. For the activations only: their derivatives come from
-  their ``custom_jvp`` rules, which never differentiate it."""
-  return jnp.maximum(s, 1)
-
-
 # ------------------------------------------------------------------ kernels
 
 
@@ -104,7 +97,7 @@ def _softmax(x: jax.Array, axis: tuple[int, ...],
              where: jax.Array | None) -> jax.Array:
   x = masked(x, where)
   e = jnp.exp(x - row_shift(x, axis))
-  return e / _fused_mass(jnp.sum(e, axis=axis, keepdims=True))
+  return e / _fusion.guarded_mass(jnp.sum(e, axis=axis, keepdims=True))
 
 
 @_softmax.defjvp
@@ -123,7 +116,7 @@ def _log_softmax(x: jax.Array, axis: tuple[int, ...],
   z = x - row_shift(x, axis)
   s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
   # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
-  return z - jnp.log(_fused_mass(s))
+  return z - jnp.log(_fusion.guarded_mass(s))
 
 
 @_log_softmax.defjvp

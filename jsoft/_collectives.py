@@ -1,0 +1,74 @@
+"""What crosses devices when the classes are split over a mesh axis.
+
+Inside ``shard_map`` with ``axis_name``, each device holds a block of the
+classes. Only numbers per example cross devices: the row max (``pmax``, no
+gradient) and the loss rule's block sums (``psum``). Those collectives are
+plain JAX outside the hand-written rules, so JAX's own autodiff of ``psum``
+carries the cotangents across devices, in both ``shard_map`` modes; a rule
+only has to return each cotangent with its primal's type
+(:func:`summed_like`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+
+
+def num_shards(axis_name: Any) -> int:
+  """How many blocks the classes are split into (1 without sharding)."""
+  return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
+def first_class(axis_name: Any, width: int) -> Any:
+  """The global index of this device's first class (0 without sharding)."""
+  return 0 if axis_name is None else lax.axis_index(axis_name) * width
+
+
+def pmax(x: jax.Array, axis_name: Any) -> jax.Array:
+  return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def psum(tree: Any, axis_name: Any) -> Any:
+  """``psum`` of every array in ``tree`` (None leaves stay None)."""
+  if axis_name is None:
+    return tree
+  return jax.tree.map(lambda x: lax.psum(x, axis_name), tree)
+
+
+def varying_axes(x: Any) -> set:
+  """The ``shard_map`` mesh axes ``x`` varies over (empty outside, or where
+  JAX does not track them)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # manual-axis type, where JAX has it
+  if mat is not None:
+    return set(mat.varying)
+  return set(getattr(aval, "vma", ()) or ())
+
+
+def summed_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """``ct`` summed over the mesh axes it varies over but ``primal`` does not.
+
+  ``primal`` was the same on those devices (replicated), so its cotangent is
+  the sum of theirs; a VJP rule returns it with the primal's type.
+  """
+  extra = varying_axes(ct) - varying_axes(primal)
+  if not extra:
+    return ct
+  return lax.psum(ct, tuple(sorted(extra, key=str)))
+
+
+def varying_like(x: jax.Array, *like: Any) -> jax.Array:
+  """A fresh ``x`` typed to vary over every mesh axis the arrays ``like``
+  vary over (a ``lax.scan`` carry must keep one type); ``x`` itself outside
+  ``shard_map``."""
+  axes = set()
+  for ref in like:
+    if ref is not None:
+      axes |= varying_axes(ref)
+  axes -= varying_axes(x)
+  if not axes:
+    return x
+  return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying")

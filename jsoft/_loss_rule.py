@@ -1,0 +1,255 @@
+r"""The softmax cross-entropy rule, written once for a block of logits.
+
+Every softmax loss in jsoft is, per example,
+
+.. math::
+  L = -\sum_c t_c \log\operatorname{softmax}(\tilde x)_c
+      + \lambda_z \operatorname{lse}(\tilde x)^2,
+  \qquad t = \lambda\,\mathrm{onehot}(y) + u,
+
+with ``x̃`` the (soft-capped, masked) logits and a target in two parts: a
+label part (integer labels: ``λ = (1 − ε)·w_y``) and a dense part ``u``
+(label smoothing ``ε·w/C``, or a whole probability target). With the shift
+``c = max x̃`` (held constant: nothing depends on it) and ``z = x̃ − c``,
+``L`` reads the logits only through three sums per example,
+
+.. math::
+  s = \sum_c e^{z_c}, \qquad \tilde x_y, \qquad
+  d = -\sum_c u_c z_c \;\ge 0, \qquad
+  L = \lambda(\log s - z_y) + U\log s + d + \lambda_z (c + \log s)^2,
+
+(``U = Σ u``), so any block of the classes — a whole row, one device's
+shard, one tile of an LM head's vocabulary — contributes its own
+:class:`Sums`, and blocks combine by addition once moved to a common shift
+(:func:`rebase`). Nothing cancels: ``log s ≥ 0`` and ``d ≥ 0``.
+
+:func:`block_sums` computes a block's sums; :func:`block_grad` is their
+VJP, the blog post's ``y − t`` on the block. With ``∂L/∂s = (λ + U +
+2λ_z·lse)/s``, ``∂L/∂x̃_y = −λ`` and ``∂L/∂d = 1`` it is
+
+.. math::
+  \frac{\partial L}{\partial \tilde x} = \operatorname{softmax}(\tilde x)
+  \,(\lambda + U + 2\lambda_z\operatorname{lse}) - \lambda\,\mathrm{onehot}(y)
+  - u = \operatorname{softmax}(\tilde x)\textstyle\sum_c t_c - t
+  \;(+\,2\lambda_z\operatorname{lse}\operatorname{softmax}),
+
+times ``dx̃/dx`` under the soft cap: one elementwise pass, no one-hot
+array. :func:`row_loss`, the per-example algebra above, is plain JAX and
+differentiated by JAX, as are the collectives that combine devices' sums;
+:data:`sums` is :func:`block_sums` with :func:`block_grad` as its VJP rule
+(usable in every autodiff mode). The fused LM-head loops call
+:func:`block_sums` and :func:`block_grad` on each tile themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsoft import _checks, _collectives, _fusion, _rules
+from jsoft._softcap import cap as soft_cap
+from jsoft._softmax import masked, mass, row_shift
+
+
+class Target(NamedTuple):
+  """Each example's target ``t = λ·onehot(y) + u`` and whether it has a
+  loss. Fields are shaped like the examples; a number that is the same for
+  all of them may be a Python float."""
+  label: jax.Array | None  # y: int32 global class index; None: no label part
+  label_mass: Any  # λ, the target's mass at the label
+  dense_mass: Any  # U = Σ_c u_c (0 without a dense part)
+  weight: Any  # the example's share of "mean" when it has a loss
+  has_loss: jax.Array | None  # bool; None: every example has a loss
+  invalid: jax.Array | None  # label out of range: NaN loss and gradient
+  keep: jax.Array | None  # has a gradient (else an exact 0); None: all
+
+
+class Block(NamedTuple):
+  """A block of classes of every example: a row, a shard or a tile."""
+  logits: jax.Array  # [..., width] raw logits, before the cap
+  valid: jax.Array | None  # bool, broadcastable to logits; None: all valid
+  first: Any  # the global index of the block's first class
+  dense: Any  # u on the block, broadcastable to logits; None: no dense part
+
+
+class Sums(NamedTuple):
+  """A block's sums per example, relative to the shift ``c``."""
+  exp: jax.Array  # s = Σ e^(x̃ − c)
+  label: jax.Array | None  # x̃_y, or 0 where y is not in the block
+  dense: jax.Array | None  # d = Σ u·(c − x̃) ≥ 0, +inf for mass on −inf
+
+
+def _raw(block: Block) -> jax.Array:
+  """The block's logits in the compute dtype (float32 for 16-bit)."""
+  return block.logits.astype(_checks.compute_dtype(block.logits.dtype))
+
+
+def block_max(block: Block, cap: float | None) -> jax.Array:
+  """The block's row max of ``x̃`` (no gradient), at least the most
+  negative float (or its cap), so a block with no mass shifts by a finite
+  number. Capped after the max: the cap is increasing."""
+  c = row_shift(masked(_raw(block), block.valid), (-1,))[..., 0]
+  return c if cap is None else soft_cap(c, cap)
+
+
+def _label_logit(block: Block, label: jax.Array,
+                 cap: float | None) -> jax.Array:
+  """``x̃_y`` where the label falls in the block, else 0."""
+  width = block.logits.shape[-1]
+  if width == 0:
+    return jnp.zeros(label.shape, _raw(block).dtype)
+  local = label - block.first
+  inside = (local >= 0) & (local < width)
+  x = jnp.take_along_axis(_raw(block), jnp.clip(local, 0, width - 1)[
+      ..., None], axis=-1)[..., 0]
+  if cap is not None:
+    x = soft_cap(x, cap)
+  return jnp.where(inside, x, 0)
+
+
+def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
+  """``Σ_c u_c·(−z_c)``, exactly 0 for ``u_c = 0`` on ``z_c = −inf``.
+
+  ``z`` is clamped to the finite range, so such a term adds
+  ``0·finite = 0``, not ``0·inf = NaN``. Positive mass on a ``-inf`` logit
+  makes the sum ``+inf``: ``zc − z`` is 0 at every finite ``z`` and
+  ``+inf`` at ``−inf``; capped at 2^127, times ``u``, then times 2^127
+  again, it stays 0 for ``u = 0`` and overflows for any normal ``u > 0``.
+  No compare or select, so the sum stays one fused loop. The overflow term
+  is constant under autodiff: its derivative is 0 wherever it is finite,
+  and its huge partials would swamp the others in reverse mode.
+  """
+  info = jnp.finfo(z.dtype)
+  zc = jnp.maximum(z, -float(info.max))
+  scale = 2.0 ** (info.maxexp - 1)
+  if jnp.ndim(u) == 0:
+    # One target for every class: factored out, the sum reads only z.
+    lost = lax.stop_gradient(jnp.minimum(zc - z, scale) * scale)
+    return u * jnp.sum(lost - zc, axis=-1)
+  lost = lax.stop_gradient((u * jnp.minimum(zc - z, scale)) * scale)
+  return jnp.sum(lost - u * zc, axis=-1)
+
+
+def block_sums(cap: float | None, block: Block, shift: jax.Array,
+               label: jax.Array | None) -> Sums:
+  """The block's :class:`Sums` relative to ``shift`` (``[...]``)."""
+  c = shift[..., None]
+  x = _raw(block)
+  s = jnp.sum(jnp.exp(_fusion.shifted(x, c, block.valid, cap)), axis=-1)
+  x_label = None if label is None else _label_logit(block, label, cap)
+  d = None
+  if block.dense is not None:
+    z = _fusion.shifted(x, c, block.valid, cap, _fusion.SECOND)
+    d = _dense_sum(block.dense, z)
+  return Sums(s, x_label, d)
+
+
+def block_grad(cap: float | None, block: Block, shift: jax.Array,
+               label: jax.Array | None, keep: jax.Array | None,
+               ct: Sums) -> tuple[jax.Array, jax.Array | None]:
+  """The VJP of :func:`block_sums`: ``(∂/∂logits, ∂/∂dense)``.
+
+  ``∂/∂logits = (e^z·ct.exp + onehot(y)·ct.label − u·ct.dense)·dx̃/dx``;
+  ``∂/∂dense = −z·ct.dense`` (``+inf`` where ``x̃ = −inf``), None when the
+  dense target is broadcast over the examples (then a constant). Examples
+  outside ``keep`` get an exact 0, whatever their logits hold.
+  """
+  z, slope = _fusion.shifted_with_slope(_raw(block), shift[..., None],
+                                       block.valid, cap)
+  g = jnp.exp(z) * ct.exp[..., None]
+  if block.dense is not None:
+    g = g - ct.dense[..., None] * block.dense
+  if label is not None:
+    cols = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    g = jnp.where(cols == (label - block.first)[..., None],
+                  g + ct.label[..., None], g)
+  if slope is not None:
+    g = g * slope
+  if keep is not None:
+    g = jnp.where(keep[..., None], g, 0)
+  g_dense = None
+  if block.dense is not None and jnp.shape(block.dense) == z.shape:
+    g_dense = -z * ct.dense[..., None]
+    if keep is not None:
+      g_dense = jnp.where(keep[..., None], g_dense, 0)
+  return g, g_dense
+
+
+def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
+  return block_sums(cap, Block(logits, valid, first, dense), shift, label)
+
+
+def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
+  block = Block(logits, valid, first, dense)
+  return block_sums(cap, block, shift, label), (block, label, keep, shift)
+
+
+def _sums_bwd(cap, res, ct):
+  block, label, keep, shift = res
+  g, g_dense = block_grad(cap, block, shift, label, keep, ct)
+  g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
+  if g_dense is not None:
+    g_dense = _collectives.summed_like(g_dense, block.dense).astype(
+        block.dense.dtype)
+  return g, None, None, g_dense, None, None, None
+
+
+_sums = _rules.vjp_rule(_sums_fun, _sums_fwd, _sums_bwd)
+
+
+def sums(cap: float | None, block: Block, shift: jax.Array,
+         label: jax.Array | None, keep: jax.Array | None) -> Sums:
+  """:func:`block_sums`, differentiable in every mode through
+  :func:`block_grad` (with respect to the logits and a per-example dense
+  target)."""
+  return _sums(cap, block.logits, block.valid, block.first, block.dense,
+               label, keep, lax.stop_gradient(shift))
+
+
+def rebase(s: Sums, shift: jax.Array, new_shift: jax.Array,
+           dense_mass: Any) -> Sums:
+  """``s`` relative to ``new_shift ≥ shift`` instead (``dense_mass`` is the
+  block's ``Σ u``). Both changes have the sign of the sums: exact."""
+  moved = jnp.exp(shift - new_shift)
+  dense = None
+  if s.dense is not None:
+    dense = s.dense + dense_mass * (new_shift - shift)
+  return Sums(s.exp * moved, s.label, dense)
+
+
+def add(a: Sums, b: Sums) -> Sums:
+  """The sums of two blocks with the same shift."""
+  return jax.tree.map(jnp.add, a, b)
+
+
+def row_loss(target: Target, shift: jax.Array, s: Sums,
+             z_loss: float) -> jax.Array:
+  """The per-example loss from a whole row's sums (plain JAX)."""
+  log_s = jnp.log(mass(s.exp))
+  loss = None
+  if target.label is not None:
+    # −log softmax(x̃)_y = log s − (x̃_y − c): from the shifted logits, so
+    # [-1000]*3 gives log 3 − 0 exactly. A label without mass gives +inf.
+    loss = log_s - (s.label - shift)
+    if not (isinstance(target.label_mass, float)
+            and target.label_mass == 1.0):
+      loss = target.label_mass * loss
+  if s.dense is not None:
+    dense = log_s * target.dense_mass + s.dense  # Σ u·(log s − z)
+    loss = dense if loss is None else loss + dense
+  if z_loss:
+    loss = loss + z_loss * jnp.square(shift + log_s)
+  return finish(loss, target)
+
+
+def finish(loss: jax.Array, target: Target) -> jax.Array:
+  """An exact 0 for examples without a loss; NaN, in the loss and its
+  gradient, for a label out of range."""
+  counted = target.has_loss
+  if target.invalid is not None:
+    loss = loss * jnp.where(target.invalid, jnp.nan, 1.0)
+    counted = counted | target.invalid
+  return loss if counted is None else jnp.where(counted, loss, 0)
