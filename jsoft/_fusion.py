@@ -20,17 +20,24 @@ pass          soft cap ``x̃``           shift
 ============  ======================  =============================
 ``FIRST``     ``a·tanh(x/a)``          ``x̃ − c``
 ``SECOND``    ``(−a)·tanh(x/(−a))``    ``x̃ + (−c)``
-``GRADIENT``  ``2a·(−m/(4 + 2m))``     ``x̃ − c``; uncapped ``x + (−c)``
+``GRADIENT``  ``2a·(−m/(4 + 2m))``     ``−(c − x̃)``
 ============  ======================  =============================
 
 (``tanh`` is odd, IEEE division and negation are sign-symmetric, and
 scaling by 2 is exact; ``m`` is :func:`jsoft._softcap.tanh_parts`'s
-``expm1``.) This module is the one place that knows them;
+``expm1``.) The exception is a forward pass that XLA CPU runs as one
+kernel, a chain of row reductions each feeding the next, reading each row
+once (:func:`jsoft._loss_rule.direct_loss`): inside one kernel a shared
+``z`` costs nothing and spelling it twice costs an op per logit. XLA CPU
+does so from 4096 rows on (:func:`one_kernel`); below that it splits the
+chain, and the second pass takes the ``SECOND`` spelling.
+
+Two more spellings steer the order XLA runs things in:
+:func:`after_label` and :func:`guarded_mass`. This module is the one
+place that knows them all;
 ``tests/test_memory.py`` pins them by asserting XLA's temp bytes for every
 lean kernel, so a JAX upgrade that undoes one fails a test.
 
-:func:`guarded_mass` is the activations' spelling of the sum guard (see
-:func:`jsoft._softmax.mass`): a ``maximum`` fuses with the sum before it.
 """
 
 from __future__ import annotations
@@ -65,19 +72,34 @@ def shifted(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
   return x + (-shift) if spelling == SECOND else x - shift
 
 
-def shifted_with_slope(x: jax.Array, shift: jax.Array,
-                       valid: jax.Array | None, cap: float | None
-                       ) -> tuple[jax.Array, jax.Array | None]:
-  """The gradient pass's ``(masked(x̃) − shift, dx̃/dx)`` (slope None
-  without a cap). Entries where ``valid`` is False are read as 0 under the
-  cap (slope 1: whatever they hold cannot leak into the gradient)."""
+def gap_with_slope(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
+                   cap: float | None) -> tuple[jax.Array, jax.Array | None]:
+  """The gradient pass's ``(shift − masked(x̃), dx̃/dx)``: the gap ``−z``
+  (``+inf`` where masked) and the slope (None without a cap). Entries
+  where ``valid`` is False are read as 0 under the cap (slope 1: whatever
+  they hold cannot leak into the gradient)."""
   if cap is None:
-    return _masked(x, valid) + (-shift), None
+    return shift - _masked(x, valid), None
   if valid is not None:
     x = jnp.where(valid, x, 0)
   m, slope = tanh_parts(x, cap)
   capped = jnp.sign(x) * ((2 * cap) * (-m / (4 + 2 * m)))
-  return _masked(capped, valid) - shift, slope
+  return shift - _masked(capped, valid), slope
+
+
+def one_kernel(rows: int) -> bool:
+  """Whether XLA CPU runs a chain of reductions over ``rows`` rows as one
+  kernel (measured: from 4096 rows on, for any row length)."""
+  return rows >= 4096
+
+
+def after_label(shift: jax.Array, label_logit: jax.Array) -> jax.Array:
+  """``max(shift, x_y)``, which is ``shift`` (the label's logit is one of
+  the entries, or ``-inf``), spelled so that the shift depends on the
+  gather of ``x_y``: XLA then reads the label's logit before the pass that
+  computes ``e^(x − c)``, and that pass can write ``e`` over the logits
+  when they die there (an LM head's ``h @ W``). No gradient."""
+  return jnp.maximum(shift, jax.lax.stop_gradient(label_logit))
 
 
 def guarded_mass(s: jax.Array) -> jax.Array:

@@ -87,27 +87,49 @@ def _raw(block: Block) -> jax.Array:
   return block.logits.astype(_checks.compute_dtype(block.logits.dtype))
 
 
-def block_max(block: Block, cap: float | None) -> jax.Array:
+def block_max(block: Block, cap: float | None,
+              label: jax.Array | None = None) -> jax.Array:
   """The block's row max of ``x̃`` (no gradient), at least the most
   negative float (or its cap), so a block with no mass shifts by a finite
-  number. Capped after the max: the cap is increasing."""
-  c = row_shift(masked(_raw(block), block.valid), (-1,))[..., 0]
+  number. Capped after the max: the cap is increasing.
+
+  With ``label``, the label's logit takes part too (it is one of the
+  entries, so the max is the same): see :func:`jsoft._fusion.after_label`.
+  """
+  x = _raw(block)
+  c = row_shift(masked(x, block.valid), (-1,))[..., 0]
+  if label is not None and x.shape[-1]:
+    c = _fusion.after_label(c, _gather(block, label))
   return c if cap is None else soft_cap(c, cap)
+
+
+def _gather(block: Block, label: jax.Array) -> jax.Array:
+  """The label's raw logit, ``-inf`` where it is masked or outside the
+  block."""
+  x = _raw(block)
+  width = x.shape[-1]
+  local = label - block.first
+  inside = (local >= 0) & (local < width)
+  at = jnp.clip(local, 0, width - 1)[..., None]
+  got = jnp.take_along_axis(x, at, axis=-1)[..., 0]
+  if block.valid is not None:
+    valid = jnp.broadcast_to(block.valid, x.shape)
+    inside = inside & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
+  return jnp.where(inside, got, -jnp.inf)
 
 
 def _label_logit(block: Block, label: jax.Array,
                  cap: float | None) -> jax.Array:
-  """``x̃_y`` where the label falls in the block, else 0."""
-  width = block.logits.shape[-1]
-  if width == 0:
+  """``x̃_y`` where the label falls in the block, else 0 (``-inf`` on a
+  masked entry)."""
+  if block.logits.shape[-1] == 0:
     return jnp.zeros(label.shape, _raw(block).dtype)
-  local = label - block.first
-  inside = (local >= 0) & (local < width)
-  x = jnp.take_along_axis(_raw(block), jnp.clip(local, 0, width - 1)[
-      ..., None], axis=-1)[..., 0]
+  x = _gather(block, label)
   if cap is not None:
     x = soft_cap(x, cap)
-  return jnp.where(inside, x, 0)
+  local = label - block.first
+  outside = (local < 0) | (local >= block.logits.shape[-1])
+  return jnp.where(outside, 0, x)
 
 
 def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
@@ -133,37 +155,89 @@ def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
   return jnp.sum(lost - u * zc, axis=-1)
 
 
-def block_sums(cap: float | None, block: Block, shift: jax.Array,
-               label: jax.Array | None) -> Sums:
-  """The block's :class:`Sums` relative to ``shift`` (``[...]``)."""
+def block_sums_and_exp(cap: float | None, block: Block, shift: jax.Array,
+                       label: jax.Array | None) -> tuple[Sums, jax.Array]:
+  """:func:`block_sums`, and the ``e^z`` it summed (for the gradient)."""
   c = shift[..., None]
   x = _raw(block)
-  s = jnp.sum(jnp.exp(_fusion.shifted(x, c, block.valid, cap)), axis=-1)
+  e = jnp.exp(_fusion.shifted(x, c, block.valid, cap))
   x_label = None if label is None else _label_logit(block, label, cap)
   d = None
   if block.dense is not None:
     z = _fusion.shifted(x, c, block.valid, cap, _fusion.SECOND)
     d = _dense_sum(block.dense, z)
-  return Sums(s, x_label, d)
+  return Sums(jnp.sum(e, axis=-1), x_label, d), e
+
+
+def block_sums(cap: float | None, block: Block, shift: jax.Array,
+               label: jax.Array | None) -> Sums:
+  """The block's :class:`Sums` relative to ``shift`` (``[...]``)."""
+  return block_sums_and_exp(cap, block, shift, label)[0]
+
+
+def reuses_exp(cap: float | None, block: Block) -> bool:
+  """Whether the gradient should reuse the forward's ``e^z`` (kept as a
+  residual) rather than recompute it: without a soft cap, whose slope needs
+  the logits anyway, and without a per-entry dense target, whose own
+  gradient does. The exp, not memory, bounds these passes, and XLA writes
+  ``e`` into the buffer the gradient then takes (the logits', when they
+  die there)."""
+  per_entry = (block.dense is not None
+               and jnp.shape(block.dense) == jnp.shape(block.logits))
+  return cap is None and not per_entry
+
+
+def direct_loss(cap: float | None, block: Block, target: Target,
+                z_loss: float) -> jax.Array:
+  """:func:`row_loss` of a whole row (at least one class, no masked
+  entries), evaluated as one chain of reductions,
+  ``Σ_c t_c·(log s − z_c) + λ_z·lse²``, which XLA CPU runs as one kernel
+  that reads each row of the logits and the target once.
+
+  Equal to :func:`row_loss` wherever it is not NaN; it is NaN where a zero
+  target meets a ``-inf`` logit (``0·inf``), on a row with no mass, and for
+  NaN inputs, and the caller then takes :func:`row_loss` instead. Forward
+  only (never differentiated).
+  """
+  x = _raw(block)
+  shift = lax.stop_gradient(jnp.max(x, axis=-1))
+  if cap is not None:
+    shift = soft_cap(shift, cap)
+  c = shift[..., None]
+  z = _fusion.shifted(x, c, None, cap)
+  log_s = jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))
+  if not _fusion.one_kernel(x.size // max(x.shape[-1], 1)):
+    z = _fusion.shifted(x, c, None, cap, _fusion.SECOND)
+  loss = jnp.sum(block.dense * (log_s - z), axis=-1)
+  log_s = log_s[..., 0]
+  if target.label is not None:
+    loss = loss + target.label_mass * (
+        log_s - (_label_logit(block, target.label, cap) - shift))
+  if z_loss:
+    loss = loss + z_loss * jnp.square(shift + log_s)
+  return finish(loss, target)
 
 
 def block_grad(cap: float | None, block: Block, shift: jax.Array,
                label: jax.Array | None, keep: jax.Array | None,
-               ct: Sums) -> tuple[jax.Array, jax.Array | None]:
+               ct: Sums, exp: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
   """The VJP of :func:`block_sums`: ``(∂/∂logits, ∂/∂dense)``.
 
   ``∂/∂logits = (e^z·ct.exp + onehot(y)·ct.label − u·ct.dense)·dx̃/dx``;
   ``∂/∂dense = −z·ct.dense`` (``+inf`` where ``x̃ = −inf``), None when the
   dense target is broadcast over the examples (then a constant). Examples
-  outside ``keep`` get an exact 0, whatever their logits hold.
+  outside ``keep`` get an exact 0, whatever their logits hold. ``exp``:
+  the forward's ``e^z``, if it kept them (without a soft cap), else they
+  are recomputed.
   """
-  z, slope = _fusion.shifted_with_slope(_raw(block), shift[..., None],
-                                       block.valid, cap)
-  g = jnp.exp(z) * ct.exp[..., None]
+  gap, slope = _fusion.gap_with_slope(_raw(block), shift[..., None],
+                                        block.valid, cap)
+  g = (jnp.exp(-gap) if exp is None else exp) * ct.exp[..., None]
   if block.dense is not None:
     g = g - ct.dense[..., None] * block.dense
   if label is not None:
-    cols = lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    cols = lax.broadcasted_iota(jnp.int32, gap.shape, gap.ndim - 1)
     g = jnp.where(cols == (label - block.first)[..., None],
                   g + ct.label[..., None], g)
   if slope is not None:
@@ -171,8 +245,8 @@ def block_grad(cap: float | None, block: Block, shift: jax.Array,
   if keep is not None:
     g = jnp.where(keep[..., None], g, 0)
   g_dense = None
-  if block.dense is not None and jnp.shape(block.dense) == z.shape:
-    g_dense = -z * ct.dense[..., None]
+  if block.dense is not None and jnp.shape(block.dense) == gap.shape:
+    g_dense = gap * ct.dense[..., None]
     if keep is not None:
       g_dense = jnp.where(keep[..., None], g_dense, 0)
   return g, g_dense
@@ -184,12 +258,14 @@ def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
 
 def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
   block = Block(logits, valid, first, dense)
-  return block_sums(cap, block, shift, label), (block, label, keep, shift)
+  out, e = block_sums_and_exp(cap, block, shift, label)
+  return out, (block, label, keep, shift,
+               e if reuses_exp(cap, block) else None)
 
 
 def _sums_bwd(cap, res, ct):
-  block, label, keep, shift = res
-  g, g_dense = block_grad(cap, block, shift, label, keep, ct)
+  block, label, keep, shift, e = res
+  g, g_dense = block_grad(cap, block, shift, label, keep, ct, e)
   g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
   if g_dense is not None:
     g_dense = _collectives.summed_like(g_dense, block.dense).astype(

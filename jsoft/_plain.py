@@ -1,11 +1,18 @@
 """The plain driver: the loss rule on whole rows of logits.
 
-Each example's row is one block (with ``axis_name``, this device's block of
-the classes). Two passes over the logits: the row max, then the rule's
-sums (a third, spelled apart, for a dense target); the gradient is one
-more pass, :func:`jsoft._loss_rule.block_grad`. With ``axis_name`` the max
-crosses devices before the sums and the sums after them; everything else
-is local.
+Each example's row is one block. The forward pass is the row max and the
+rule's sums (a third pass, spelled apart, for a dense target), then the
+per-example algebra; the gradient is one more pass,
+:func:`jsoft._loss_rule.block_grad`, fed the per-example cotangents of the
+sums (JAX's VJP of :func:`~jsoft._loss_rule.row_loss`).
+
+With ``axis_name`` (the classes split over a mesh axis) the row max
+crosses devices before the sums and the sums after them, as plain JAX
+collectives around the rule's own VJP (:func:`jsoft._loss_rule.sums`).
+Without it, one hand-written VJP covers the whole row, so that a call that
+is not differentiated can take :func:`~jsoft._loss_rule.direct_loss`: for a
+dense target (probability labels) that reads the logits and the targets
+once instead of three and two times.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
-from jsoft import _collectives, _loss_rule
+from jsoft import _collectives, _loss_rule, _rules
 from jsoft._loss_rule import Block, Target
 from jsoft._options import Options
 
@@ -31,9 +40,103 @@ def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
     dense: the dense target ``u`` on the row, or None.
   """
   ax = opts.axis_name
-  block = Block(logits, valid,
-                _collectives.first_class(ax, logits.shape[-1]), dense)
-  shift = _collectives.pmax(_loss_rule.block_max(block, opts.cap), ax)
+  if ax is None:
+    numbers, arrays = _split(target)
+    return _row((opts.cap, opts.z_loss, numbers), logits, valid, dense,
+                *arrays)
+  block = Block(logits, valid, _collectives.first_class(ax, logits.shape[-1]),
+                dense)
+  shift = _collectives.pmax(
+      _loss_rule.block_max(block, opts.cap, target.label), ax)
   sums = _loss_rule.sums(opts.cap, block, shift, target.label, target.keep)
   return _loss_rule.row_loss(target, shift, _collectives.psum(sums, ax),
                              opts.z_loss)
+
+
+def _split(target: Target) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+  """The target's Python numbers (compile-time) and its arrays."""
+  numbers = tuple(None if isinstance(v, jax.Array) else v for v in target)
+  arrays = tuple(v if isinstance(v, jax.Array) else None for v in target)
+  return numbers, arrays
+
+
+def _join(numbers, arrays) -> Target:
+  return Target(*(n if a is None else a
+                  for n, a in zip(numbers, arrays, strict=True)))
+
+
+def _with_mass(target: Target, dense: Any) -> Target:
+  """The target, with its dense part's mass ``U = Σ u`` summed here when
+  the caller left it to the driver (None)."""
+  if target.dense_mass is not None or dense is None:
+    return target
+  return target._replace(dense_mass=jnp.sum(dense, axis=-1))
+
+
+def _forward(cap, z_loss, block, target):
+  """The loss by the rule's sums: ``(loss, shift, sums, e^z)``."""
+  target = _with_mass(target, block.dense)
+  shift = _loss_rule.block_max(block, cap, target.label)
+  sums, e = _loss_rule.block_sums_and_exp(cap, block, shift, target.label)
+  return _loss_rule.row_loss(target, shift, sums, z_loss), shift, sums, e
+
+
+def _row_fun(static, logits, valid, dense, *arrays):
+  cap, z_loss, numbers = static
+  block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
+
+  def by_sums():
+    return _forward(cap, z_loss, block, target)[0]
+
+  if (dense is None or jnp.ndim(dense) == 0 or valid is not None
+      or target.dense_mass is not None or not logits.shape[-1]):
+    # Nothing to gain (one target for every class, masked entries), or the
+    # target is smoothed: the cond would store it.
+    return by_sums()
+  fast = _loss_rule.direct_loss(cap, block, target, z_loss)
+  return lax.cond(jnp.any(jnp.isnan(fast)), by_sums, lambda: fast)
+
+
+def _row_fwd(static, logits, valid, dense, *arrays):
+  cap, z_loss, numbers = static
+  block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
+  out, shift, sums, e = _forward(cap, z_loss, block, target)
+  e = e if _loss_rule.reuses_exp(cap, block) else None
+  return out, (logits, valid, dense, arrays, shift, sums, e)
+
+
+def _row_bwd(static, res, ct):
+  cap, z_loss, numbers = static
+  logits, valid, dense, arrays, shift, sums, e = res
+  block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
+
+  # The per-example cotangents of the sums and of the target's mass U (or,
+  # where the driver sums U, of u through it), then the y − t tile.
+  lazy = target.dense_mass is None
+
+  def by_sums(s, mass_or_u):
+    full = (_with_mass(target, mass_or_u) if lazy else
+            target._replace(dense_mass=mass_or_u))
+    return _loss_rule.row_loss(full, shift, s, z_loss)
+
+  ct_sums, ct_mass = jax.vjp(by_sums, sums,
+                             dense if lazy else target.dense_mass)[1](ct)
+  g, g_dense = _loss_rule.block_grad(cap, block, shift, target.label,
+                                     target.keep, ct_sums, e)
+  g = _collectives.summed_like(g, logits).astype(logits.dtype)
+  if g_dense is not None:
+    if lazy:
+      g_dense = g_dense + ct_mass
+      if target.keep is not None:
+        g_dense = jnp.where(target.keep[..., None], g_dense, 0)
+    g_dense = _collectives.summed_like(g_dense, dense).astype(dense.dtype)
+  ct_arrays = [None] * len(arrays)
+  mass = arrays[_MASS]
+  if mass is not None and not lazy:  # a per-example mass, from the labels
+    ct_arrays[_MASS] = _collectives.summed_like(ct_mass, mass).astype(
+        mass.dtype)
+  return (g, None, g_dense, *ct_arrays)
+
+
+_MASS = Target._fields.index("dense_mass")
+_row = _rules.vjp_rule(_row_fun, _row_fwd, _row_bwd)

@@ -114,14 +114,20 @@ def smoothing(scale: Any, weights: jax.Array | None,
 def probability(opts: Options, labels: jax.Array, entries: jax.Array | None,
                 rows: jax.Array | None, dtype) -> tuple[Target, jax.Array]:
   """The probability-label :class:`Target` and ``u = (1 − ε)·t + ε/C'``
-  (zero on masked entries)."""
+  (zero on masked entries).
+
+  The target's mass ``Σ u`` is summed here from the raw labels (the
+  smoothed target must not feed two reductions: XLA would store it), and
+  across devices with ``axis_name``; without either, it is left to the
+  plain driver (None), which sums ``u`` only where it needs it.
+  """
   ax = opts.axis_name
   t = labels.astype(dtype)
   if entries is not None:
     t = jnp.where(entries, t, 0)
-  # The target's mass from the raw labels: the smoothed target never feeds
-  # two reductions (XLA would store it).
-  mass = _collectives.psum(jnp.sum(t, axis=-1), ax)
+  mass = None
+  if ax is not None or opts.smoothing:
+    mass = _collectives.psum(jnp.sum(t, axis=-1), ax)
   u = t
   if opts.smoothing:
     count = _class_count(entries, t.shape[-1] * _collectives.num_shards(ax),
