@@ -37,7 +37,7 @@ class Loop(NamedTuple):
   """The tiling, fixed at compile time."""
   cap: float | None  # the soft cap
   chunk: int  # tokens (tokens loop) or classes (classes loop) per tile
-  vocab: int  # this device's real classes (the rest of W is padding)
+  vocab: int  # this device's classes
   by_tokens: bool  # tiles of tokens, else tiles of classes
   axis_name: Any  # the mesh axis W's classes are split over
 
@@ -61,51 +61,78 @@ def _tile_logits(h, w, b):
   return logits
 
 
-def _tiles(x, chunk):
-  """``[N, ...]`` as ``[N / chunk, chunk, ...]``; None stays None."""
-  if x is None:
-    return None
-  return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
+def _tile_starts(length: int, chunk: int):
+  """How many tiles of ``chunk`` cover ``length``, and where tile ``j``
+  starts: ``j·chunk``, except that the last one ends at ``length`` (and
+  overlaps the one before when ``chunk`` does not divide ``length``; its
+  first rows are then not its own). No padded copy of ``h`` or ``W``."""
+  count = -(-length // chunk)
+  return count, lambda j: jnp.minimum(j * chunk, length - chunk)
 
 
-def _class_tile(loop: Loop, h, w, b, dense, j):
-  """Tile ``j`` of the classes: its block (padding masked out) and its
+def _own(j, start, chunk: int, shape, axis: int):
+  """Which rows (``axis`` 0) or columns (1) of tile ``j`` are its own, not
+  the previous tile's; None when the tiles do not overlap."""
+  index = start + lax.broadcasted_iota(jnp.int32, shape, axis)
+  return index >= j * chunk
+
+
+def _untile(stacked, length: int, chunk: int):
+  """Per-tile outputs ``[T, chunk, ...]`` back to ``[length, ...]``."""
+  flat = stacked.reshape((-1,) + stacked.shape[2:])
+  count = stacked.shape[0]
+  if count * chunk == length:
+    return flat
+  overlap = count * chunk - length  # the last tile's rows already covered
+  return jnp.concatenate([flat[:(count - 1) * chunk],
+                          flat[(count - 1) * chunk + overlap:]])
+
+
+def _class_tile(loop: Loop, h, w, b, dense, j, start):
+  """Tile ``j`` of the classes (columns ``start`` on): its block and its
   slice of ``w``."""
   v = loop.chunk
-  w_t = lax.dynamic_slice_in_dim(w, j * v, v, axis=1)
-  b_t = None if b is None else lax.dynamic_slice_in_dim(b, j * v, v)
-  cols = j * v + lax.broadcasted_iota(jnp.int32, (1, v), 1)
-  valid = cols < loop.vocab
-  if dense is not None:
-    dense = (jnp.where(valid, dense, 0) if jnp.ndim(dense) == 0 else
-             lax.dynamic_slice_in_dim(dense, j * v, v))
-  first = _collectives.first_class(loop.axis_name, loop.vocab) + j * v
+  w_t = lax.dynamic_slice_in_dim(w, start, v, axis=1)
+  b_t = None if b is None else lax.dynamic_slice_in_dim(b, start, v)
+  valid = None
+  if loop.vocab % v:
+    valid = _own(j, start, v, (1, v), 1)
+  if dense is not None and jnp.ndim(dense):
+    dense = lax.dynamic_slice_in_dim(dense, start, v)
+  if dense is not None and valid is not None:
+    dense = jnp.where(valid, dense, 0)
+  first = _collectives.first_class(loop.axis_name, loop.vocab) + start
   return Block(_tile_logits(h, w_t, b_t), valid, first, dense), w_t
 
 
 def _head_fwd(loop: Loop, h, w, b, label, keep, dense):
   if loop.by_tokens:
     first = _collectives.first_class(loop.axis_name, loop.vocab)
+    count, start_of = _tile_starts(h.shape[0], loop.chunk)
 
-    def tile(_, xs):
-      h_t, y_t = xs
+    def tile(_, j):
+      start = start_of(j)
+      h_t = lax.dynamic_slice_in_dim(h, start, loop.chunk)
+      y_t = lax.dynamic_slice_in_dim(label, start, loop.chunk)
       block = Block(_tile_logits(h_t, w, b), None, first, dense)
       m = _loss_rule.block_max(block, loop.cap)
       return None, (m, _loss_rule.block_sums(loop.cap, block, m, y_t))
 
-    _, (shift, sums) = lax.scan(tile, None, (_tiles(h, loop.chunk),
-                                             _tiles(label, loop.chunk)))
-    shift, sums = jax.tree.map(lambda x: x.reshape(-1), (shift, sums))
+    _, stacked = lax.scan(tile, None, jnp.arange(count, dtype=jnp.int32))
+    shift, sums = jax.tree.map(
+        lambda x: _untile(x, h.shape[0], loop.chunk), stacked)
   else:
+    count, start_of = _tile_starts(loop.vocab, loop.chunk)
 
     def tile(carry, j):
       m, sums, seen = carry
-      block, _ = _class_tile(loop, h, w, b, dense, j)
+      block, _ = _class_tile(loop, h, w, b, dense, j, start_of(j))
       new = jnp.maximum(m, _loss_rule.block_max(block, loop.cap))
       sums = _loss_rule.add(_loss_rule.rebase(sums, m, new, seen),
                             _loss_rule.block_sums(loop.cap, block, new, label))
-      if block.dense is not None:
-        seen = seen + jnp.sum(block.dense, axis=-1)
+      if block.dense is not None:  # Σ u over the classes seen so far
+        seen = seen + jnp.sum(jnp.broadcast_to(block.dense, (1, loop.chunk)),
+                              axis=-1)
       return (new, sums, seen), None
 
     acc = _checks.compute_dtype(h.dtype)
@@ -115,8 +142,8 @@ def _head_fwd(loop: Loop, h, w, b, label, keep, dense):
     init = (_collectives.varying_like(floor, *refs),
             Sums(zeros, zeros, None if dense is None else zeros),
             _collectives.varying_like(jnp.zeros((1,), acc), *refs))
-    (shift, sums, _), _ = lax.scan(tile, init, jnp.arange(
-        w.shape[1] // loop.chunk, dtype=jnp.int32))
+    (shift, sums, _), _ = lax.scan(tile, init,
+                                   jnp.arange(count, dtype=jnp.int32))
   return (shift, sums), HeadResiduals(h, w, b, label, keep, dense, shift)
 
 
@@ -132,13 +159,24 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
     return dh_t, jnp.matmul(h_t.T, g_in, preferred_element_type=acc)
 
   if loop.by_tokens:
+    c = loop.chunk
     first = _collectives.first_class(loop.axis_name, loop.vocab)
+    count, start_of = _tile_starts(h.shape[0], c)
 
-    def tile(carry, xs):
+    def rows(x, start):
+      return None if x is None else lax.dynamic_slice_in_dim(x, start, c)
+
+    def tile(carry, j):
       dw, db = carry
-      h_t, y_t, k_t, m_t, ct_t = xs
+      start = start_of(j)
+      h_t, keep = rows(h, start), rows(res.keep, start)
+      if h.shape[0] % c:  # the last tile's first rows are not its own
+        own = _own(j, start, c, (c,), 0)
+        keep = own if keep is None else keep & own
       block = Block(_tile_logits(h_t, w, b), None, first, res.dense)
-      g, _ = _loss_rule.block_grad(loop.cap, block, m_t, y_t, k_t, ct_t)
+      g, _ = _loss_rule.block_grad(
+          loop.cap, block, rows(res.shift, start), rows(res.label, start),
+          keep, jax.tree.map(lambda x: rows(x, start), ct_sums))
       dh_t, dw_t = fold(g, h_t, w)
       db = None if db is None else db + jnp.sum(g, axis=0)
       return (dw + dw_t, db), dh_t
@@ -146,30 +184,38 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
     init = (_collectives.varying_like(jnp.zeros(w.shape, acc), *refs),
             None if b is None else _collectives.varying_like(
                 jnp.zeros(b.shape, acc), *refs))
-    xs = jax.tree.map(lambda x: _tiles(x, loop.chunk),
-                      (h, res.label, res.keep, res.shift, ct_sums))
-    (dw, db), dh = lax.scan(jax.checkpoint(tile), init, xs)
-    dh = dh.reshape(h.shape)
+    (dw, db), dh = lax.scan(jax.checkpoint(tile), init,
+                            jnp.arange(count, dtype=jnp.int32))
+    dh = _untile(dh, h.shape[0], c)
   else:
+    count, start_of = _tile_starts(loop.vocab, loop.chunk)
+
+    def add_at(total, part, start):
+      if loop.vocab % loop.chunk:  # tiles overlap: add into the total
+        part = part + lax.dynamic_slice_in_dim(total, start, loop.chunk,
+                                               axis=-1)
+      return lax.dynamic_update_slice_in_dim(total, part, start, axis=-1)
 
     def tile(carry, j):
       dh, dw, db = carry
-      block, w_t = _class_tile(loop, h, w, b, res.dense, j)
+      start = start_of(j)
+      block, w_t = _class_tile(loop, h, w, b, res.dense, j, start)
       g, _ = _loss_rule.block_grad(loop.cap, block, res.shift, res.label,
                                    res.keep, ct_sums)
+      if block.valid is not None:  # the previous tile's columns
+        g = jnp.where(block.valid, g, 0)
       dh_t, dw_t = fold(g, h, w_t)
-      dw = lax.dynamic_update_slice_in_dim(dw, dw_t, j * loop.chunk, axis=1)
+      dw = add_at(dw, dw_t, start)
       if db is not None:
-        db = lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0),
-                                             j * loop.chunk, 0)
+        db = add_at(db, jnp.sum(g, axis=0), start)
       return (dh + dh_t, dw, db), None
 
     init = (_collectives.varying_like(jnp.zeros(h.shape, acc), *refs),
             _collectives.varying_like(jnp.zeros(w.shape, acc), *refs),
             None if b is None else _collectives.varying_like(
                 jnp.zeros(b.shape, acc), *refs))
-    (dh, dw, db), _ = lax.scan(jax.checkpoint(tile), init, jnp.arange(
-        w.shape[1] // loop.chunk, dtype=jnp.int32))
+    (dh, dw, db), _ = lax.scan(jax.checkpoint(tile), init,
+                               jnp.arange(count, dtype=jnp.int32))
   # Each cotangent summed over the mesh axes its primal is replicated on
   # (h, with the classes split: each device holds part of dh).
   db = None if b is None else _collectives.summed_like(db, b).astype(b.dtype)
@@ -189,9 +235,8 @@ def head_sums(loop: Loop, h: jax.Array, w: jax.Array, b: jax.Array | None,
               label: jax.Array, keep: jax.Array | None,
               dense: Any) -> tuple[jax.Array, Sums]:
   """Each token's shift and sums over this device's classes of
-  ``h @ w + b`` (``h``: ``[N, D]``, N a multiple of the tile by tokens;
-  ``w``: ``[D, V]``, V a multiple of the tile by classes, padding columns
-  past ``loop.vocab``), differentiable in every mode with respect to ``h``,
-  ``w`` and ``b``. ``dense`` (the smoothing target, a constant) is a number
-  or a ``[V]`` vector, zero on padding."""
+  ``h @ w + b`` (``h``: ``[N, D]``; ``w``: ``[D, V]``; a tile of at most N
+  tokens or V classes), differentiable in every mode with respect to
+  ``h``, ``w`` and ``b``. ``dense`` (the smoothing target, a constant) is
+  a number or a ``[V]`` vector."""
   return _head(loop, h, w, b, label, keep, dense)

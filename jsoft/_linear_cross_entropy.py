@@ -5,8 +5,8 @@ tokens × 128k vocabulary in float32 is 4 GiB, and as much again for their
 gradient). :func:`linear_cross_entropy` is the integer-label loss of
 ``h @ W + b`` computed by the fused driver (:mod:`jsoft._fused`), which
 holds one tile of logits at a time; this module checks the arguments,
-pads to whole tiles, picks the loop order and the tile, and combines the
-per-token sums with the same rule as the unfused loss.
+picks the loop order and the tile, and combines the per-token sums with the
+same rule as the unfused loss.
 """
 
 from __future__ import annotations
@@ -39,38 +39,23 @@ def default_chunk(length: int, other: int, budget: int | None = None) -> int:
   return max(1, min(chunk, length))
 
 
-def _pad(x: Any, pad: int, axis: int = 0, value: Any = 0) -> Any:
-  """``x`` padded at the end of ``axis`` (None and numbers unchanged)."""
-  if x is None or jnp.ndim(x) == 0 or not pad:
-    return x
-  widths = [(0, 0)] * jnp.ndim(x)
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
   """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``)."""
   n, vocab = h.shape[0], w.shape[1]
   acc = _checks.compute_dtype(h.dtype)
   target, scale = _targets.integer(opts, y, None, rows, weights, vocab, acc)
   dense = _targets.smoothing(scale, weights, None)  # a number, or [V]
+  if dense is not None:
+    dense = jnp.asarray(dense, acc)
   by_tokens = n >= vocab
-  if by_tokens:
-    # Tiles of tokens; padding tokens get a zero cotangent.
-    chunk = chunk_size or default_chunk(n, vocab)
-    pad = -n % chunk
-    h_, y_, keep = _pad(h, pad), _pad(target.label, pad), _pad(
-        target.keep, pad, value=False)
-    w_, b_, dense_ = w, b, dense
-  else:
-    # Tiles of classes; padding classes are masked out of every tile.
-    chunk = chunk_size or default_chunk(vocab, n)
-    pad = -vocab % chunk
-    h_, y_, keep = h, target.label, target.keep
-    w_, b_, dense_ = _pad(w, pad, axis=1), _pad(b, pad), _pad(dense, pad)
+  # Tiles of tokens (the accumulator is dW, [D, V]) or of classes (dh,
+  # [N, D]); the last tile overlaps the one before where the tile does not
+  # divide the axis.
+  length, other = (n, vocab) if by_tokens else (vocab, n)
+  chunk = min(chunk_size or default_chunk(length, other), length)
   loop = _fused.Loop(opts.cap, chunk, vocab, by_tokens, opts.axis_name)
-  shift, sums = _fused.head_sums(loop, h_, w_, b_, y_, keep, dense_)
-  shift, sums = jax.tree.map(lambda x: x[:n], (shift, sums))
+  shift, sums = _fused.head_sums(loop, h, w, b, target.label, target.keep,
+                                 dense)
   ax = opts.axis_name
   if ax is not None:
     # Each device's sums, moved to the global max, then added: one max

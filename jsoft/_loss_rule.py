@@ -99,37 +99,34 @@ def block_max(block: Block, cap: float | None,
   x = _raw(block)
   c = row_shift(masked(x, block.valid), (-1,))[..., 0]
   if label is not None and x.shape[-1]:
-    c = _fusion.after_label(c, _gather(block, label))
+    x_label, present = _gather(block, label)
+    c = _fusion.after_label(c, jnp.where(present, x_label, -jnp.inf))
   return c if cap is None else soft_cap(c, cap)
 
 
-def _gather(block: Block, label: jax.Array) -> jax.Array:
-  """The label's raw logit, ``-inf`` where it is masked or outside the
-  block."""
+def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The label's raw logit, and whether it is in the block and valid."""
   x = _raw(block)
   width = x.shape[-1]
   local = label - block.first
-  inside = (local >= 0) & (local < width)
+  present = (local >= 0) & (local < width)
   at = jnp.clip(local, 0, width - 1)[..., None]
-  got = jnp.take_along_axis(x, at, axis=-1)[..., 0]
+  x_label = jnp.take_along_axis(x, at, axis=-1)[..., 0]
   if block.valid is not None:
     valid = jnp.broadcast_to(block.valid, x.shape)
-    inside = inside & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
-  return jnp.where(inside, got, -jnp.inf)
+    present = present & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
+  return x_label, present
 
 
 def _label_logit(block: Block, label: jax.Array,
                  cap: float | None) -> jax.Array:
-  """``x̃_y`` where the label falls in the block, else 0 (``-inf`` on a
-  masked entry)."""
+  """``x̃_y`` where the label is a valid class of the block, else 0."""
   if block.logits.shape[-1] == 0:
     return jnp.zeros(label.shape, _raw(block).dtype)
-  x = _gather(block, label)
+  x_label, present = _gather(block, label)
   if cap is not None:
-    x = soft_cap(x, cap)
-  local = label - block.first
-  outside = (local < 0) | (local >= block.logits.shape[-1])
-  return jnp.where(outside, 0, x)
+    x_label = soft_cap(x_label, cap)
+  return jnp.where(present, x_label, 0)
 
 
 def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
@@ -252,6 +249,14 @@ def block_grad(cap: float | None, block: Block, shift: jax.Array,
   return g, g_dense
 
 
+class SumsResiduals(NamedTuple):
+  block: Block
+  label: jax.Array | None
+  keep: jax.Array | None
+  shift: jax.Array
+  exp: jax.Array | None  # the forward's e^z, where the gradient reuses it
+
+
 def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
   return block_sums(cap, Block(logits, valid, first, dense), shift, label)
 
@@ -259,13 +264,14 @@ def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
 def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
   block = Block(logits, valid, first, dense)
   out, e = block_sums_and_exp(cap, block, shift, label)
-  return out, (block, label, keep, shift,
-               e if reuses_exp(cap, block) else None)
+  return out, SumsResiduals(block, label, keep, shift,
+                            e if reuses_exp(cap, block) else None)
 
 
-def _sums_bwd(cap, res, ct):
-  block, label, keep, shift, e = res
-  g, g_dense = block_grad(cap, block, shift, label, keep, ct, e)
+def _sums_bwd(cap, res: SumsResiduals, ct):
+  block = res.block
+  g, g_dense = block_grad(cap, block, res.shift, res.label, res.keep, ct,
+                          res.exp)
   g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
   if g_dense is not None:
     g_dense = _collectives.summed_like(g_dense, block.dense).astype(

@@ -17,7 +17,7 @@ once instead of three and two times.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,16 @@ def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
   sums = _loss_rule.sums(opts.cap, block, shift, target.label, target.keep)
   return _loss_rule.row_loss(target, shift, _collectives.psum(sums, ax),
                              opts.z_loss)
+
+
+class RowResiduals(NamedTuple):
+  logits: jax.Array
+  valid: jax.Array | None
+  dense: Any
+  arrays: tuple[Any, ...]  # the target's arrays (see _split)
+  shift: jax.Array
+  sums: _loss_rule.Sums
+  exp: jax.Array | None  # the forward's e^z, where the gradient reuses it
 
 
 def _split(target: Target) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -102,13 +112,15 @@ def _row_fwd(static, logits, valid, dense, *arrays):
   block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
   out, shift, sums, e = _forward(cap, z_loss, block, target)
   e = e if _loss_rule.reuses_exp(cap, block) else None
-  return out, (logits, valid, dense, arrays, shift, sums, e)
+  return out, RowResiduals(logits, valid, dense, arrays, shift, sums, e)
 
 
-def _row_bwd(static, res, ct):
+def _row_bwd(static, res: RowResiduals, ct):
   cap, z_loss, numbers = static
-  logits, valid, dense, arrays, shift, sums, e = res
-  block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
+  logits, dense, shift, sums, arrays = (res.logits, res.dense, res.shift,
+                                        res.sums, res.arrays)
+  block = Block(logits, res.valid, 0, dense)
+  target = _join(numbers, arrays)
 
   # The per-example cotangents of the sums and of the target's mass U (or,
   # where the driver sums U, of u through it), then the y − t tile.
@@ -122,7 +134,7 @@ def _row_bwd(static, res, ct):
   ct_sums, ct_mass = jax.vjp(by_sums, sums,
                              dense if lazy else target.dense_mass)[1](ct)
   g, g_dense = _loss_rule.block_grad(cap, block, shift, target.label,
-                                     target.keep, ct_sums, e)
+                                     target.keep, ct_sums, res.exp)
   g = _collectives.summed_like(g, logits).astype(logits.dtype)
   if g_dense is not None:
     if lazy:

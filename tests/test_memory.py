@@ -1,0 +1,243 @@
+"""XLA's temp memory for every kernel the README calls lean.
+
+These pin the spellings in ``jsoft/_fusion.py``: XLA keeps each pass over
+the logits a fused loop only as long as no [N, C] value is shared between
+passes, and a JAX upgrade that changes how it fuses would quietly bring an
+[N, C] temporary back. XLA's compile-time figures are exact, so the bounds
+are too. Compile only, float32, at two row counts: 4096 rows, from which XLA
+CPU runs a chain of row reductions as one kernel, and 128 rows, below that.
+
+"No [N, C] temp" is asserted as at most an eighth of one [N, C] float32
+array (per-example vectors, a handful of them, are what remains).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jsoft
+from jsoft import _linear_cross_entropy
+
+F32 = jnp.float32
+int_ce = jsoft.softmax_cross_entropy_with_integer_labels
+prob_ce = jsoft.softmax_cross_entropy
+SHAPES = {"4096_rows": (4096, 256), "128_rows": (128, 2048)}
+IGNORE = -100
+
+
+def _temp(f, *args):
+  compiled = jax.jit(f).lower(*args).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def _lean(temp, n, c):
+  assert temp <= 4 * n * c / 8, (
+      f"XLA temp {temp} B holds an [N, C] array ({4 * n * c} B)")
+
+
+def _inputs(n, c):
+  x = jnp.zeros((n, c), F32)
+  y = jnp.zeros((n,), jnp.int32)
+  t = jnp.full((n, c), 1.0 / c, F32)
+  return x, y, t
+
+
+def _int_options(n, c):
+  weights = jnp.linspace(0.5, 2.0, c, dtype=F32)
+  rows = jnp.arange(n) % 3 != 0
+  every = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4,
+               logit_soft_cap=30.0, class_weights=weights)
+  return {
+      "plain": {},
+      "ignore_index": dict(ignore_index=IGNORE),
+      "class_weights": dict(class_weights=weights),
+      "label_smoothing": dict(label_smoothing=0.1),
+      "z_loss": dict(z_loss=1e-4),
+      "logit_soft_cap": dict(logit_soft_cap=30.0),
+      "smoothing_and_cap": dict(label_smoothing=0.1, logit_soft_cap=30.0),
+      "every_option": every,
+      "every_option_mean": dict(every, reduction="mean"),
+      "where_rows": dict(where=rows),
+  }
+
+
+INT_OPTIONS = list(_int_options(8, 8))
+PROB_OPTIONS = {
+    "plain": {},
+    "z_loss": dict(z_loss=1e-4),
+    "logit_soft_cap": dict(logit_soft_cap=30.0),
+    "where_rows": "rows",
+    "cap_z_loss_rows_mean": "all",
+}
+
+
+def _prob_kwargs(name, n):
+  kw = PROB_OPTIONS[name]
+  rows = jnp.arange(n) % 3 != 0
+  if kw == "rows":
+    return dict(where=rows)
+  if kw == "all":
+    return dict(z_loss=1e-4, logit_soft_cap=30.0, where=rows,
+                reduction="mean")
+  return kw
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("option", INT_OPTIONS)
+def test_integer_labels_forward_and_gradient_hold_no_nc_temp(shape, option):
+  n, c = SHAPES[shape]
+  x, y, _ = _inputs(n, c)
+  kw = _int_options(n, c)[option]
+
+  def loss(x):
+    return jnp.sum(int_ce(x, y, **kw))
+
+  _lean(_temp(loss, x), n, c)
+  _lean(_temp(jax.value_and_grad(loss), x), n, c)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("option", PROB_OPTIONS)
+def test_probability_labels_hold_no_nc_temp(shape, option):
+  n, c = SHAPES[shape]
+  x, _, t = _inputs(n, c)
+  kw = _prob_kwargs(option, n)
+
+  def loss(x, t):
+    return jnp.sum(prob_ce(x, t, **kw))
+
+  _lean(_temp(loss, x, t), n, c)
+  _lean(_temp(jax.value_and_grad(loss), x, t), n, c)
+  both = _temp(jax.value_and_grad(loss, argnums=(0, 1)), x, t)
+  if option == "logit_soft_cap":  # both gradients: the cap is stored once
+    assert both <= 1.125 * 4 * n * c
+  else:
+    _lean(both, n, c)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_label_smoothing_of_probability_targets_forward(shape):
+  # The forward is lean; differentiated, the smoothed target is stored
+  # once (README: what each option costs).
+  n, c = SHAPES[shape]
+  x, _, t = _inputs(n, c)
+
+  def loss(x, t):
+    return jnp.sum(prob_ce(x, t, label_smoothing=0.1))
+
+  _lean(_temp(loss, x, t), n, c)
+  assert _temp(jax.value_and_grad(loss), x, t) <= 1.25 * 4 * n * c
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax", "logsumexp"])
+def test_activations_forward_holds_no_nc_temp(shape, fn):
+  n, c = SHAPES[shape]
+  x, _, _ = _inputs(n, c)
+  _lean(_temp(lambda x: getattr(jsoft, fn)(x, axis=-1), x), n, c)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_binary_cross_entropy_forward_holds_no_nc_temp(shape):
+  n, c = SHAPES[shape]
+  x, _, t = _inputs(n, c)
+  _lean(_temp(lambda x, t: jnp.sum(jsoft.sigmoid_binary_cross_entropy(x, t)),
+              x, t), n, c)
+
+
+LM_HEAD = {  # option: how many [N, V] float32 arrays the step may hold
+    "plain": ({}, 1),
+    "ignore_index": (dict(ignore_index=IGNORE), 1),
+    "z_loss": (dict(z_loss=1e-4), 1),
+    "label_smoothing": (dict(label_smoothing=0.1), 2),
+    "logit_soft_cap": (dict(logit_soft_cap=30.0), 2),
+    "every_option": (dict(ignore_index=IGNORE, label_smoothing=0.1,
+                          z_loss=1e-4, logit_soft_cap=30.0), 2),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("option", LM_HEAD)
+def test_lm_head_step_writes_the_gradient_over_the_logits(shape, option):
+  # value_and_grad of the mean of CE(h @ W) w.r.t. W: the logits are the
+  # one [N, V] buffer (optax's step holds two), with smoothing or the cap
+  # one more.
+  n, v = SHAPES[shape]
+  kw, arrays = LM_HEAD[option]
+  h = jnp.zeros((n, 64), F32)
+  w = jnp.zeros((64, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def step(w):
+    return jax.value_and_grad(
+        lambda w: int_ce(h @ w, y, reduction="mean", **kw))(w)
+
+  # (and h's transpose, [D, N], for dW = hᵀ g)
+  assert _temp(step, w) <= (arrays + 0.125) * 4 * n * v + 4 * n * 64
+
+
+def _fused_bound(n, d, v, chunk):
+  """The README's peak-memory bound of linear_cross_entropy."""
+  if n >= v:
+    return 8 * chunk * v + 4 * d * v + 4 * n * d + 16 * n
+  return 8 * n * chunk + 4 * n * d + 4 * d * v + 16 * n
+
+
+FUSED = {  # (N, D, V, chunk): both loop orders, padded tiles
+    "tokens": (2048, 64, 512, 128),
+    "tokens_padded": (2000, 64, 512, 128),
+    "classes": (256, 64, 8192, 512),
+    "classes_padded": (256, 64, 8000, 512),
+}
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("every_option", [False, True])
+def test_fused_head_within_its_documented_bound(name, every_option):
+  n, d, v, chunk = FUSED[name]
+  kw = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4,
+            logit_soft_cap=30.0) if every_option else {}
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w):
+    return jsoft.linear_cross_entropy(h, w, y, chunk_size=chunk,
+                                      reduction="mean", **kw)
+
+  bound = _fused_bound(n, d, v, chunk)
+  assert _temp(loss, h, w) <= bound
+  assert _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w) <= bound
+
+
+def test_default_chunk_keeps_the_fused_head_under_a_sixteenth():
+  n, d, v = 8192, 64, 8192
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w):
+    return jsoft.linear_cross_entropy(h, w, y, reduction="mean")
+
+  chunk = _linear_cross_entropy.default_chunk(n, v)
+  temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
+  assert temp <= _fused_bound(n, d, v, chunk)
+  assert temp <= 4 * n * v / 16
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
+def test_sharded_fused_head_per_device_within_its_bound():
+  n, d, v, chunk, shards = 512, 32, 8 * 1024, 256, 8
+  mesh = Mesh(np.array(jax.devices()[:shards]), ("tp",))
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w, y):
+    return jsoft.linear_cross_entropy(h, w, y, chunk_size=chunk,
+                                      axis_name="tp", reduction="sum")
+
+  step = jax.value_and_grad(
+      jax.shard_map(loss, mesh=mesh, in_specs=(P(), P(None, "tp"), P()),
+                    out_specs=P()), argnums=(0, 1))
+  assert _temp(step, h, w, y) <= _fused_bound(n, d, v // shards, chunk)
