@@ -51,6 +51,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--memory-plot", metavar="PATH",
                  help="also sweep N and V (compile only, no timing) and "
                  "chart the XLA temp memory of the fused and unfused heads")
+  p.add_argument("--options", action="store_true",
+                 help="instead of the cases, time the integer-label CE's "
+                 "value_and_grad with each training option against the "
+                 "plain call (and its XLA temp memory)")
   p.add_argument("--rounds", type=int, default=None,
                  help="timed rounds per case")
   p.add_argument("--no-eager", action="store_true",
@@ -147,6 +151,14 @@ def _agreement(fused: cases_mod.Impl, unfused: cases_mod.Impl) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse(argv)
+  if args.options:
+    from bench import options  # noqa: PLC0415
+    result = options.measure(quick=args.quick, rounds=args.rounds or 7)
+    print(options.table(result))
+    if args.json:
+      report.write_json(args.json, {"machine": report.machine(),
+                                    "options": result})
+    return result
   cases, config = select(args)
   if not cases:
     raise SystemExit("no case matches --only " + ",".join(config["only"]))

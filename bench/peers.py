@@ -35,7 +35,7 @@ passed as an input), the mean loss for the losses, both with respect to
 
 Peers: ``jsoft``; ``jax.nn`` (the activations, and the losses composed from
 ``jax.nn.log_softmax``/``log_sigmoid``); ``optax`` (the losses);
-``naive-jnp`` and ``naive-numpy``, the blog post's formulas
+``naive-jnp`` and ``naive-numpy``, the seed post's formulas (see the README)
 (``exp(x)/Σexp(x)``, ``1/(1+exp(-x))``, ``-log softmax``) which overflow, the
 NumPy one with the hand-derived gradients (``y - t``); ``torch`` on the CPU.
 """
@@ -219,7 +219,7 @@ def _np_sigmoid(x):
 
 
 def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
-  """The blog post's NumPy formulas, with the hand-derived gradients."""
+  """The seed post's NumPy formulas, with the hand-derived gradients."""
   if fn in ("ce_opts", "lce"):
     return None
 
@@ -255,7 +255,7 @@ def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
       return (s * other).sum(), s * (1 - s) * other
     n = x.shape[0] if fn != "bce" else x.size
     loss = fwd[fn](x, other).mean()
-    if fn == "ce_int":  # the blog post's y − t
+    if fn == "ce_int":  # the seed post's y − t
       return loss, onehot_minus(_np_softmax(x), other) / n
     if fn == "ce_prob":
       return loss, (_np_softmax(x) - other) / n

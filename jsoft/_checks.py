@@ -227,12 +227,14 @@ def axis_name(value: Any, fn: str) -> Any:
   """None, or a mesh axis name (a hashable, or a tuple of them)."""
   if value is None:
     return None
+  if isinstance(value, list):  # a list of names, as a hashable tuple
+    value = tuple(value)
   try:
     hash(value)
   except TypeError:
     raise TypeError(f"jsoft.{fn}: axis_name must be a mesh axis name (or a "
                     f"tuple of names), got {value!r}.") from None
-  return tuple(value) if isinstance(value, list) else value
+  return value
 
 
 def per_class(x: Any, num_classes: int, dtype: Any, fn: str,

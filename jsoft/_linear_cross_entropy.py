@@ -131,8 +131,9 @@ def linear_cross_entropy(
   Equal, in value and in gradients with respect to ``hidden``, ``weight``
   and ``bias``, to
   ``softmax_cross_entropy_with_integer_labels(hidden @ weight + bias,
-  labels, ...)`` with the same options (see that function for the formula
-  and the options).
+  labels, ...)`` with the same options, all but ``where=`` (see that
+  function for the formula and the options): the same loss rule
+  (:mod:`jsoft._loss_rule`) applied to one tile of logits at a time.
 
   .. math::
     L_n = \operatorname{CE}\bigl(h_n W + b,\ y_n\bigr), \qquad
@@ -147,17 +148,21 @@ def linear_cross_entropy(
   ``chunk_size`` tokens when there are at least as many tokens as classes
   (the accumulator is ``dW``, ``[D, V]``), else tiles of ``chunk_size``
   classes with an online logsumexp (the accumulator is ``dh``, ``[N, D]``):
-  the loop order with the smaller accumulator. Gradient (the VJP rule): the
-  backward pass recomputes each tile of logits (one extra matmul per tile)
-  and folds ``g`` into the gradients above, ``dW`` accumulated in float32.
-  Every autodiff mode works (``jvp``, ``hessian``, HVPs), as for the
-  unfused loss.
+  the loop order with the smaller accumulator. A tile that does not divide
+  the axis overlaps the one before (nothing is padded or copied). Gradient
+  (the VJP rule): the backward pass recomputes each tile of logits (one
+  extra matmul per tile) and folds ``g`` into the gradients above, ``dW``
+  accumulated in float32. Every autodiff mode works (``jvp``, ``hessian``,
+  HVPs), as for the unfused loss.
 
   Peak memory beyond inputs and outputs, in bytes, for ``N`` tokens, ``D``
-  features, ``V`` classes and tiles of ``c``: about ``8·c·V`` (a float32
-  tile of logits and its gradient) plus ``4·D·V`` (the float32 ``dW``)
-  when looping over tokens, ``8·N·c + 4·N·D`` when looping over classes;
-  plus ``8·N`` (each token's shift and sum). The unfused loss needs at
+  features, ``V`` classes and tiles of ``c``: at most ``8·c·V`` (a float32
+  tile of logits and its gradient) plus ``4·D·V`` (the float32 ``dW``
+  being accumulated) plus ``4·N·D`` (``dh``, gathered from the tiles)
+  when looping over tokens; ``8·N·c`` plus ``4·N·D`` (the float32 ``dh``)
+  plus ``4·D·V`` (the float32 ``dW`` being filled) when looping over
+  classes; plus ``16·N`` (numbers per token) either way
+  (``tests/test_memory.py`` holds it to that). The unfused loss needs at
   least ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile
   is 1/64 of the full logits, clamped to 1–8 MiB (a multiple of 8 rows).
 
@@ -175,11 +180,10 @@ def linear_cross_entropy(
     axis_name: inside ``shard_map``, the mesh axis ``weight``'s V axis (and
       ``bias``, ``class_weights``) is sharded over, ``hidden`` and
       ``labels`` (global class indices) being the same on each device of
-      it. Returns the global loss; the logits' max and sums cross devices
-      per token (per tile when looping over tokens), ``dh`` is summed over
-      the devices once, and each device's ``dW`` is its slice's: no
-      all-gather of logits or weights. The loop order follows the local
-      ``V``.
+      it. Returns the global loss; after the loop, each token's max and
+      two or three sums cross devices once, ``dh`` is summed over the
+      devices once, and each device's ``dW`` is its slice's: no all-gather
+      of logits or weights. The loop order follows the local ``V``.
 
   Returns:
     The per-token loss ``[...]`` (float32 for 16-bit inputs, else the

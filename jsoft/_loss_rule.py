@@ -24,8 +24,9 @@ shard, one tile of an LM head's vocabulary — contributes its own
 (:func:`rebase`). Nothing cancels: ``log s ≥ 0`` and ``d ≥ 0``.
 
 :func:`block_sums` computes a block's sums; :func:`block_grad` is their
-VJP, the blog post's ``y − t`` on the block. With ``∂L/∂s = (λ + U +
-2λ_z·lse)/s``, ``∂L/∂x̃_y = −λ`` and ``∂L/∂d = 1`` it is
+VJP, the seed post's ``y − t`` (README, "Where jsoft began") on the
+block. With ``∂L/∂s = (λ + U + 2λ_z·lse)/s``, ``∂L/∂x̃_y = −λ`` and
+``∂L/∂d = 1`` it is
 
 .. math::
   \frac{\partial L}{\partial \tilde x} = \operatorname{softmax}(\tilde x)
@@ -35,10 +36,14 @@ VJP, the blog post's ``y − t`` on the block. With ``∂L/∂s = (λ + U +
 
 times ``dx̃/dx`` under the soft cap: one elementwise pass, no one-hot
 array. :func:`row_loss`, the per-example algebra above, is plain JAX and
-differentiated by JAX, as are the collectives that combine devices' sums;
-:data:`sums` is :func:`block_sums` with :func:`block_grad` as its VJP rule
-(usable in every autodiff mode). The fused LM-head loops call
-:func:`block_sums` and :func:`block_grad` on each tile themselves.
+differentiated by JAX, as are the collectives that combine devices' sums.
+The drivers call these: :func:`sums` (the block's sums with
+:func:`block_grad` as their VJP rule, every autodiff mode) for the sharded
+plain loss; :func:`block_sums`, :func:`block_grad` and :func:`row_loss`
+inside their own VJP rules for the whole-row plain loss
+(:mod:`jsoft._plain`) and for each tile of the fused head
+(:mod:`jsoft._fused`). :func:`direct_loss` is :func:`row_loss` of a whole
+row evaluated as one chain of reductions, for a forward pass alone.
 """
 
 from __future__ import annotations
@@ -172,16 +177,16 @@ def block_sums(cap: float | None, block: Block, shift: jax.Array,
   return block_sums_and_exp(cap, block, shift, label)[0]
 
 
-def reuses_exp(cap: float | None, block: Block) -> bool:
+def reuses_exp(block: Block) -> bool:
   """Whether the gradient should reuse the forward's ``e^z`` (kept as a
-  residual) rather than recompute it: without a soft cap, whose slope needs
-  the logits anyway, and without a per-entry dense target, whose own
-  gradient does. The exp, not memory, bounds these passes, and XLA writes
-  ``e`` into the buffer the gradient then takes (the logits', when they
-  die there)."""
+  residual) rather than recompute it: always, but with a per-entry dense
+  target, whose own gradient needs the logits anyway. The exp (and the
+  cap's ``tanh``), not memory, bounds these passes, and XLA writes ``e``
+  into the buffer the gradient then takes (the logits', when they die
+  there)."""
   per_entry = (block.dense is not None
                and jnp.shape(block.dense) == jnp.shape(block.logits))
-  return cap is None and not per_entry
+  return not per_entry
 
 
 def direct_loss(cap: float | None, block: Block, target: Target,
@@ -265,7 +270,7 @@ def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
   block = Block(logits, valid, first, dense)
   out, e = block_sums_and_exp(cap, block, shift, label)
   return out, SumsResiduals(block, label, keep, shift,
-                            e if reuses_exp(cap, block) else None)
+                            e if reuses_exp(block) else None)
 
 
 def _sums_bwd(cap, res: SumsResiduals, ct):

@@ -111,7 +111,7 @@ def _row_fwd(static, logits, valid, dense, *arrays):
   cap, z_loss, numbers = static
   block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
   out, shift, sums, e = _forward(cap, z_loss, block, target)
-  e = e if _loss_rule.reuses_exp(cap, block) else None
+  e = e if _loss_rule.reuses_exp(block) else None
   return out, RowResiduals(logits, valid, dense, arrays, shift, sums, e)
 
 

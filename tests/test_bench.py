@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench import cli, memory
+from bench import cli, memory, options
 from bench.peers import FNS, HEADS
 
 
@@ -107,3 +107,16 @@ def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch):
   assert "jsoft fused" in memory.table(result)
   assert memory.write_plot(str(tmp_path / "m.png"), result) is None
   assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_options_table(tmp_path, capsys):
+  result = cli.main(["--options", "--quick", "--rounds", "1", "--json",
+                     str(tmp_path / "o.json")])
+  assert set(result["results"]) == set(options.OPTIONS)
+  out = capsys.readouterr().out
+  for name in options.OPTIONS:
+    assert name in out
+  # No option stores the [N, C] logits (4 MB at 1024x1000 float32).
+  assert all(r["temp_bytes"] < 4 * 1024 * 1000 / 8
+             for r in result["results"].values())
+  assert json.loads((tmp_path / "o.json").read_text())["options"]["n"] == 1024

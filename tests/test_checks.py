@@ -57,6 +57,15 @@ class TestStaticChecks:
                        r"logits and labels have shapes \(4, 3\), \(2,\)"):
       jsoft.sigmoid_binary_cross_entropy(X, jnp.zeros((2,), F32))
 
+  def test_axis_name_list_becomes_a_tuple(self):
+    # A list of mesh axis names is accepted (as a tuple, hashable for jit);
+    # anything else unhashable is refused by name.
+    assert _checks.axis_name(["dp", "tp"], "f") == ("dp", "tp")
+    assert _checks.axis_name("tp", "f") == "tp"
+    with pytest.raises(TypeError, match="jsoft.f: axis_name must be a mesh "
+                       "axis name"):
+      _checks.axis_name({"tp": 1}, "f")
+
   def test_axis_out_of_range(self):
     with pytest.raises(ValueError, match="softmax: axis 2 is out of range for "
                        "an array of rank 2"):

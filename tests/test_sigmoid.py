@@ -15,7 +15,7 @@ EXTREMES = [-INF, -1e9, -1e4, -50.0, -1.0, 0.0, 1.0, 50.0, 1e4, 1e9, INF]
 
 class TestSigmoid:
 
-  def test_blog_post_table(self):
+  def test_seed_post_table(self):
     out = jsoft.sigmoid(jnp.asarray([2.0, 3.0, 5.0, 6.0], jnp.float64))
     np.testing.assert_allclose(
         out, [0.8807970779778823, 0.9525741268224334, 0.9933071490757153,

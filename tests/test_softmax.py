@@ -19,8 +19,9 @@ def _x(values, dtype=F32):
   return jnp.asarray(values, dtype)
 
 
-class TestBlogPost:
-  """The table of the blog post jsoft started from."""
+class TestSeedPost:
+  """The table of the seed post jsoft started from (README, "Where jsoft
+  began")."""
 
   def test_softmax_of_2_3_5_6(self):
     np.testing.assert_allclose(
