@@ -177,18 +177,6 @@ def block_sums(cap: float | None, block: Block, shift: jax.Array,
   return block_sums_and_exp(cap, block, shift, label)[0]
 
 
-def reuses_exp(block: Block) -> bool:
-  """Whether the gradient should reuse the forward's ``e^z`` (kept as a
-  residual) rather than recompute it: always, but with a per-entry dense
-  target, whose own gradient needs the logits anyway. The exp (and the
-  cap's ``tanh``), not memory, bounds these passes, and XLA writes ``e``
-  into the buffer the gradient then takes (the logits', when they die
-  there)."""
-  per_entry = (block.dense is not None
-               and jnp.shape(block.dense) == jnp.shape(block.logits))
-  return not per_entry
-
-
 def direct_loss(cap: float | None, block: Block, target: Target,
                 z_loss: float) -> jax.Array:
   """:func:`row_loss` of a whole row (at least one class, no masked
@@ -230,8 +218,8 @@ def block_grad(cap: float | None, block: Block, shift: jax.Array,
   ``∂/∂dense = −z·ct.dense`` (``+inf`` where ``x̃ = −inf``), None when the
   dense target is broadcast over the examples (then a constant). Examples
   outside ``keep`` get an exact 0, whatever their logits hold. ``exp``:
-  the forward's ``e^z``, if it kept them (without a soft cap), else they
-  are recomputed.
+  the forward's ``e^z``, if it kept them (the plain driver), else they are
+  recomputed (the fused head's tiles).
   """
   gap, slope = _fusion.gap_with_slope(_raw(block), shift[..., None],
                                         block.valid, cap)
@@ -259,7 +247,7 @@ class SumsResiduals(NamedTuple):
   label: jax.Array | None
   keep: jax.Array | None
   shift: jax.Array
-  exp: jax.Array | None  # the forward's e^z, where the gradient reuses it
+  exp: jax.Array  # the forward's e^z, which the gradient scales
 
 
 def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
@@ -268,9 +256,12 @@ def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
 
 def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
   block = Block(logits, valid, first, dense)
+  # The gradient scales the forward's e^z rather than recompute them: the
+  # exp (and the cap's tanh), not memory, bounds these passes, and XLA
+  # writes e into the buffer the gradient then takes (the logits', when
+  # they die here).
   out, e = block_sums_and_exp(cap, block, shift, label)
-  return out, SumsResiduals(block, label, keep, shift,
-                            e if reuses_exp(block) else None)
+  return out, SumsResiduals(block, label, keep, shift, e)
 
 
 def _sums_bwd(cap, res: SumsResiduals, ct):

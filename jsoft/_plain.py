@@ -60,7 +60,7 @@ class RowResiduals(NamedTuple):
   arrays: tuple[Any, ...]  # the target's arrays (see _split)
   shift: jax.Array
   sums: _loss_rule.Sums
-  exp: jax.Array | None  # the forward's e^z, where the gradient reuses it
+  exp: jax.Array  # the forward's e^z, which the gradient scales
 
 
 def _split(target: Target) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -111,7 +111,7 @@ def _row_fwd(static, logits, valid, dense, *arrays):
   cap, z_loss, numbers = static
   block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
   out, shift, sums, e = _forward(cap, z_loss, block, target)
-  e = e if _loss_rule.reuses_exp(block) else None
+  # The gradient scales the forward's e^z (see _loss_rule._sums_fwd).
   return out, RowResiduals(logits, valid, dense, arrays, shift, sums, e)
 
 
