@@ -38,10 +38,12 @@ def _classes_last(x: jax.Array, axes: tuple[int, ...],
 
 
 def _check_mask(x, entries, rows):
-  """The entries the value checks look at (masked-out ones are exempt)."""
+  """The entries the value checks look at: those that both the entry mask
+  and the per-example mask (``where``, ``ignore_index``) keep."""
   if rows is None:
     return entries
-  return jnp.broadcast_to(rows[..., None], x.shape)
+  rows = jnp.broadcast_to(rows[..., None], x.shape)
+  return rows if entries is None else rows & entries
 
 
 def _static_axis(axis: Any) -> Any:

@@ -56,7 +56,7 @@ from jax import lax
 
 from jsoft import _checks, _collectives, _fusion, _rules
 from jsoft._softcap import cap as soft_cap
-from jsoft._softmax import masked, mass, row_shift
+from jsoft._softmax import masked, mass, nan_where, row_shift
 
 
 class Target(NamedTuple):
@@ -328,6 +328,6 @@ def finish(loss: jax.Array, target: Target) -> jax.Array:
   gradient, for a label out of range."""
   counted = target.has_loss
   if target.invalid is not None:
-    loss = loss * jnp.where(target.invalid, jnp.nan, 1.0)
+    loss = loss * (1 + nan_where(target.invalid, loss.dtype))
     counted = counted | target.invalid
   return loss if counted is None else jnp.where(counted, loss, 0)

@@ -65,8 +65,21 @@ def row_shift(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
   """
   x = lax.stop_gradient(x)
   axis = tuple(a % x.ndim for a in axis)
-  c = lax.reduce(x, -jnp.finfo(x.dtype).max, lax.max, axis)
+  floor = -jnp.finfo(x.dtype).max
+  if all(x.shape[a] == 1 for a in axis) and axis:
+    # XLA folds a reduction over size-one axes into its operand and drops
+    # the initial value, which would leave a -inf shift: take it explicitly.
+    return jnp.maximum(x, floor)
+  c = lax.reduce(x, floor, lax.max, axis)
   return lax.expand_dims(c, axis)
+
+
+def nan_where(flag: jax.Array, dtype: Any) -> jax.Array:
+  """NaN where ``flag`` is True and ``-0.0`` elsewhere (add it, or multiply
+  by ``1 +`` it), without a NaN constant: ``jnp.where(flag, jnp.nan, …)``
+  would make every call raise under ``jax.debug_nans`` with
+  ``jax.disable_jit``, whatever its inputs. Constant under autodiff."""
+  return lax.stop_gradient(jnp.sqrt(-flag.astype(dtype)))
 
 
 def lse_from_parts(c: jax.Array, s: jax.Array) -> jax.Array:
@@ -171,6 +184,16 @@ def _logsumexp_jvp(axis, primals, tangents):
   return (out, sign), (dout, jnp.zeros_like(sign))
 
 
+def _infinite_sign(a, b, where, axis, out, sign):
+  """The sign where the sum is infinite (a ``+inf`` in ``a``), where the
+  shifted sum is ``inf/inf``: that of ``Σ b`` over the ``+inf`` entries."""
+  if b is None:
+    return jnp.where(out == jnp.inf, 1, sign).astype(sign.dtype)
+  at_inf = (a == jnp.inf) if where is None else (a == jnp.inf) & where
+  s_inf = jnp.sum(jnp.where(at_inf, b, 0), axis=axis, keepdims=True)
+  return jnp.where(out == jnp.inf, jnp.sign(s_inf), sign).astype(sign.dtype)
+
+
 # -------------------------------------------------------------- public API
 
 
@@ -197,8 +220,9 @@ def _logsumexp_jit(a, axis, b, keepdims, return_sign, where):
   if b is not None:
     b = jnp.broadcast_to(b, shape).astype(ct)
   out, sign = _logsumexp(a, b, where, axes)
-  if not return_sign:
-    out = jnp.where(sign < 0, jnp.nan, out)  # the log of a negative sum
+  sign = _infinite_sign(a, b, where, axes, out, sign)
+  if not return_sign and b is not None:
+    out = out + nan_where(sign < 0, out.dtype)  # the log of a negative sum
   if not keepdims:
     out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
   out, sign = out.astype(dtype), sign.astype(dtype)

@@ -1,0 +1,272 @@
+"""Never NaN where the math is finite: size-one and empty axes, every mix
+of masks and ``-inf``, jax's own ``logsumexp`` cases, NaN debugging, and
+``jsoft.checked`` with every mask.
+
+References are float64 NumPy/SciPy or hand computation; the convention for
+a slice with no mass (all masked, all ``-inf``, or empty) is softmax 0,
+log_softmax and logsumexp ``-inf``, a loss of 0, and zero gradient.
+"""
+
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special as sp
+
+import jsoft
+from tests import helpers
+
+INF = np.inf
+int_ce = jsoft.softmax_cross_entropy_with_integer_labels
+prob_ce = jsoft.softmax_cross_entropy
+
+
+# ------------------------------------------------- every mask, every -inf
+
+
+def _rows(num_classes):
+  """Every row of ``num_classes`` entries each one of: a finite logit, a
+  ``-inf`` logit, or a finite logit masked out; as (logits, where)."""
+  kinds = list(itertools.product(range(3), repeat=num_classes))
+  finite = np.random.default_rng(num_classes).normal(
+      size=(len(kinds), num_classes))
+  k = np.asarray(kinds).reshape(len(kinds), num_classes)
+  x = np.where(k == 1, -INF, finite)
+  return x, k != 2
+
+
+def _reference(x, where):
+  """float64 softmax, log_softmax and logsumexp with the no-mass
+  convention."""
+  z = np.where(where, x, -INF)
+  has_mass = np.isfinite(z).any(-1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    lse = np.where(has_mass, sp.logsumexp(np.where(has_mass, z, 0), -1,
+                                          keepdims=True), -INF)
+    logp = np.where(has_mass, z - lse, -INF)
+  return np.exp(logp), logp, lse[..., 0]
+
+
+@pytest.mark.parametrize("num_classes", [0, 1, 2, 3])
+def test_softmax_family_for_every_mix_of_masks_and_minus_inf(num_classes):
+  x, where = _rows(num_classes)
+  p, logp, lse = _reference(x, where)
+  np.testing.assert_allclose(jsoft.softmax(x, where=where), p, rtol=1e-14)
+  np.testing.assert_allclose(jsoft.log_softmax(x, where=where), logp,
+                             rtol=1e-14)
+  np.testing.assert_allclose(jsoft.logsumexp(x, axis=-1, where=where), lse,
+                             rtol=1e-14)
+  # The gradient of Σ lse is the softmax: 0 on masked and -inf entries and
+  # throughout a row with no mass.
+  g = jax.grad(lambda x: jnp.sum(jsoft.logsumexp(x, axis=-1,
+                                                 where=where)))(x)
+  np.testing.assert_allclose(g, p, rtol=1e-14, atol=1e-300)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3])
+def test_losses_for_every_mix_of_masks_and_minus_inf(num_classes):
+  x, where = _rows(num_classes)
+  p, logp, _ = _reference(x, where)
+  # The probability loss against the uniform target over the row's classes
+  # that have mass: finite wherever some class has mass, 0 where none has.
+  live = where & np.isfinite(x)
+  t = live / np.maximum(live.sum(-1, keepdims=True), 1)
+  with np.errstate(invalid="ignore"):
+    want = -np.sum(np.where(t > 0, t * logp, 0), -1)
+  loss = prob_ce(x, t, where=where)
+  np.testing.assert_allclose(loss, want, rtol=1e-14)
+  g = jax.grad(lambda x: jnp.sum(prob_ce(x, t, where=where)))(x)
+  np.testing.assert_allclose(g, p * t.sum(-1, keepdims=True) - t,
+                             rtol=1e-13, atol=1e-15)
+  # The integer loss on a label that has mass: finite, with y − t gradient.
+  rows = live.any(-1)
+  label = np.argmax(live, -1)
+  loss = int_ce(x[rows], label[rows], where=where[rows])
+  np.testing.assert_allclose(loss, -logp[rows, label[rows]], rtol=1e-14)
+
+
+class TestSizeOneClassAxis:
+  """A class axis of one entry is the seed post's formula at its smallest:
+  the same results as longer axes."""
+
+  def test_activations_with_every_entry_masked(self):
+    x, none = jnp.array([[0.5]]), jnp.array([[False]])
+    assert jsoft.softmax(x, where=none)[0, 0] == 0.0
+    assert jsoft.log_softmax(x, where=none)[0, 0] == -INF
+
+  def test_activations_unmasked(self):
+    x = jnp.array([[0.5], [-1e30], [-INF]])
+    np.testing.assert_array_equal(jsoft.softmax(x)[:2], [[1.0], [1.0]])
+    np.testing.assert_array_equal(jsoft.log_softmax(x)[:2], [[0.0], [0.0]])
+    assert jsoft.softmax(x)[2, 0] == 0.0  # no mass
+    assert jsoft.log_softmax(x)[2, 0] == -INF
+
+  def test_logsumexp_of_minus_inf_has_zero_gradient(self):
+    assert jsoft.logsumexp(jnp.array([-INF])) == -INF
+    assert jax.grad(jsoft.logsumexp)(jnp.array([-INF]))[0] == 0.0
+    out = jsoft.logsumexp(jnp.array([1.0]), where=jnp.array([False]))
+    assert out == -INF
+
+  def test_logsumexp_over_several_size_one_axes(self):
+    x = jnp.full((1, 1, 3), -INF)
+    np.testing.assert_array_equal(jsoft.logsumexp(x, axis=(0, 1)),
+                                  [-INF] * 3)
+
+  def test_losses(self):
+    x, none = jnp.array([[0.5]]), jnp.array([[False]])
+    assert prob_ce(x, jnp.array([[1.0]]), where=none)[0] == 0.0
+    assert prob_ce(x, jnp.array([[1.0]]))[0] == 0.0
+    assert int_ce(x, jnp.array([0]))[0] == 0.0
+    assert int_ce(x, jnp.array([0]), where=jnp.array([False]))[0] == 0.0
+    g = jax.grad(lambda x: prob_ce(x, jnp.array([[1.0]]), where=none)[0])(x)
+    assert g[0, 0] == 0.0
+    out = jsoft.linear_cross_entropy(jnp.ones((2, 3)), jnp.ones((3, 1)),
+                                     jnp.array([0, 0]))
+    np.testing.assert_array_equal(out, [0.0, 0.0])
+
+
+# ------------------------------------------- jax's own logsumexp cases
+
+# Shapes with size-one axes, as in jax's tests/lax_scipy_test.py.
+LSE_SHAPES = [(), (1,), (4,), (1, 1), (1, 4), (4, 1), (2, 1, 3), (1, 3, 1)]
+
+
+# (keepdims, return_sign, use_b): each flag on and off, each pair together.
+FLAGS = [(False, False, False), (True, True, False), (True, False, True),
+         (False, True, True)]
+
+
+def _lse_cases():
+  for shape in LSE_SHAPES:
+    for axis in [None, *range(-len(shape), len(shape))]:
+      for keepdims, return_sign, use_b in FLAGS:
+        yield shape, axis, keepdims, return_sign, use_b
+
+
+def test_logsumexp_matches_scipy_on_jax_s_cases():
+  rng = np.random.default_rng(12)
+  for shape, axis, keepdims, return_sign, use_b in _lse_cases():
+    a = rng.normal(size=shape)
+    b = rng.normal(size=shape) if use_b else None
+    want = sp.logsumexp(a, axis=axis, b=b, keepdims=keepdims,
+                        return_sign=return_sign)
+    got = jsoft.logsumexp(a, axis=axis, b=b, keepdims=keepdims,
+                          return_sign=return_sign)
+    # Shapes as NumPy's reductions (SciPy makes a 0-d input 1-d under
+    # keepdims).
+    reduced = np.shape(np.sum(a, axis=axis, keepdims=keepdims))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      case = str((shape, axis, keepdims, return_sign, use_b))
+      assert np.shape(g) == reduced, case
+      np.testing.assert_allclose(g, np.reshape(w, np.shape(g)), rtol=1e-13,
+                                 err_msg=case)
+
+
+@pytest.mark.parametrize("a,b", [
+    ([1.0, INF], None), ([INF, INF], None), ([-INF, INF], None),
+    ([1.0, INF], [1.0, 2.0]), ([1.0, INF], [1.0, -2.0]),
+    ([-INF], None), ([-INF, -INF], None), ([np.nan, 1.0], None)])
+def test_logsumexp_with_infinities_matches_scipy(a, b):
+  a = np.asarray(a)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    want, want_sign = sp.logsumexp(a, b=b, return_sign=True)
+    want_plain = sp.logsumexp(a, b=b)
+  got, sign = jsoft.logsumexp(a, b=b, return_sign=True)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(sign, want_sign)
+  np.testing.assert_array_equal(jsoft.logsumexp(a, b=b), want_plain)
+
+
+def test_logsumexp_zero_scale_leaves_out_its_entry():
+  # jax #5370: b = 0 on the largest entry must not dominate the shift.
+  out = jsoft.logsumexp(np.array([-1000.0, -2.0]), b=np.array([1.0, 0.0]))
+  assert out == -1000.0
+
+
+def test_logsumexp_of_ones_raises_no_inf_alarm():
+  # jax #7390: no internal inf under debug_infs.
+  with jax.debug_infs(True):
+    out = jsoft.logsumexp(np.ones(4, np.float32))
+  np.testing.assert_allclose(out, 1 + np.log(4), rtol=1e-6)
+
+
+def test_complex_input_names_the_difference():
+  with pytest.raises(TypeError, match="real"):
+    jsoft.logsumexp(jnp.array([1 + 1j, 2.0]))
+
+
+# ------------------------------------------------------ NaN debugging
+
+F = np.float32
+X = jnp.asarray([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], F)
+T = jnp.asarray([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], F)
+Y = jnp.asarray([2, 0])
+
+NAN_FREE = {
+    "logsumexp": lambda: jsoft.logsumexp(F(1.0)),
+    "logsumexp_b": lambda: jsoft.logsumexp(F(1.0), b=F(1.0)),
+    "logsumexp_sign": lambda: jsoft.logsumexp(X, axis=1, return_sign=True),
+    "softmax": lambda: jsoft.softmax(X),
+    "log_softmax": lambda: jsoft.log_softmax(X),
+    "int_ce": lambda: int_ce(X, Y),
+    "int_ce_options": lambda: int_ce(
+        X, Y.at[1].set(-100), ignore_index=-100, label_smoothing=0.1,
+        z_loss=1e-3, logit_soft_cap=5.0, reduction="mean"),
+    "int_ce_grad": lambda: jax.grad(lambda x: int_ce(
+        x, Y, reduction="mean"))(X),
+    "prob_ce": lambda: prob_ce(X, T),
+    "prob_ce_grad": lambda: jax.grad(lambda x: prob_ce(
+        x, T, reduction="sum"))(X),
+    "bce": lambda: jsoft.sigmoid_binary_cross_entropy(X, T),
+    "lce": lambda: jsoft.linear_cross_entropy(X, X.T, Y % 2, chunk_size=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAN_FREE))
+def test_no_false_alarm_under_debug_nans_op_by_op(name):
+  # jax #7634: jax.debug_nans checks every operation's output when JIT is
+  # disabled, so a NaN constant inside a kernel raises on clean input.
+  with jax.debug_nans(True), jax.disable_jit():
+    out = NAN_FREE[name]()
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(out))
+
+
+def test_out_of_range_label_is_still_nan():
+  loss = int_ce(X, jnp.asarray([2, 7]))
+  assert np.isfinite(loss[0]) and np.isnan(loss[1])
+  g = jax.grad(lambda x: int_ce(x, jnp.asarray([2, 7]))[1])(X)
+  assert np.isnan(g[1]).all()
+
+
+# ------------------------------------------------------ checked and masks
+
+
+@pytest.mark.parametrize("rows", [
+    dict(ignore_index=-100), dict(where=np.array([True, True]))])
+def test_checked_accepts_nan_on_a_masked_entry_with_a_row_mask(rows):
+  # A NaN masked out with a per-entry where= is not an error, whatever
+  # per-example mask (ignore_index, or a row where=) comes with it.
+  x = X.at[0, 1].set(np.nan)
+  entries = np.array([[True, False, True], [True, True, True]])
+  y = Y.at[1].set(-100) if "ignore_index" in rows else Y
+  if "where" in rows:
+    out = jsoft.checked(lambda x: int_ce(x, y, where=entries))(x)
+    out_prob = jsoft.checked(lambda x: prob_ce(x, T, where=entries))(x)
+  else:
+    out = jsoft.checked(lambda x: int_ce(x, y, where=entries, **rows))(x)
+    out_prob = out
+  assert np.isfinite(out).all() and np.isfinite(out_prob).all()
+  want = -helpers.log_softmax(np.asarray(X[0])[[0, 2]])[1]
+  np.testing.assert_allclose(out[0], want, rtol=1e-6)
+
+
+def test_checked_still_catches_nan_on_a_kept_entry_with_a_row_mask():
+  x = X.at[0, 0].set(np.nan)
+  entries = np.array([[True, False, True], [True, True, True]])
+  with pytest.raises(AssertionError, match="finite"):
+    jsoft.checked(lambda x: int_ce(x, Y, where=entries,
+                                   ignore_index=-100))(x)
