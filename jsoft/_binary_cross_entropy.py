@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _rules
+from jsoft import _checks, _collectives, _rules
 from jsoft._options import reduce
 from jsoft._sigmoid import sigmoid_pair, softplus_pair
 
@@ -70,7 +70,10 @@ def _bce_bwd(static, res, ct):
   else:
     sp_pos, sp_neg = softplus_pair(x)
     g_labels = (pos_weight * sp_neg - sp_pos) * ct
-  return g_logits, g_labels, None
+  # Inside shard_map, an operand may be the same on devices where ct is
+  # not (replicated logits, split labels): its cotangent sums theirs.
+  return (_collectives.summed_like(g_logits, x),
+          _collectives.summed_like(g_labels, t), None)
 
 
 def _bce_fun(static, logits, labels, pos_weight):

@@ -4,9 +4,18 @@ Inside ``shard_map`` with ``axis_name``, each device holds a block of the
 classes. Only numbers per example cross devices: the row max (``pmax``, no
 gradient) and the loss rule's block sums (``psum``). Those collectives are
 plain JAX outside the hand-written rules, so JAX's own autodiff of ``psum``
-carries the cotangents across devices, in both ``shard_map`` modes; a rule
-only has to return each cotangent with its primal's type
-(:func:`summed_like`).
+carries the cotangents across devices, in both ``shard_map`` modes.
+
+With ``check_vma=True`` JAX types each value as varying over some mesh axes
+or not, and its autodiff sums a cotangent over the devices where the primal
+is the same (replicated) but the cotangent is not. A hand-written rule keeps
+to that in two steps: its outputs vary over every axis any of its inputs
+does (:func:`varying_tree`), so every cotangent reaching it is one device's
+part, never an already-summed total that a second sum would count twice;
+and it returns each cotangent with its primal's type, summed over the axes
+where the primal is replicated (:func:`summed_like`). With
+``check_vma=False`` neither does anything and ``shard_map``'s own transpose
+sums the cotangents of replicated inputs.
 """
 
 from __future__ import annotations
@@ -58,6 +67,11 @@ def summed_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
   if not extra:
     return ct
   return lax.psum(ct, tuple(sorted(extra, key=str)))
+
+
+def varying_tree(tree: Any, *like: Any) -> Any:
+  """Every array in ``tree`` through :func:`varying_like`."""
+  return jax.tree.map(lambda x: varying_like(x, *like), tree)
 
 
 def varying_like(x: jax.Array, *like: Any) -> jax.Array:

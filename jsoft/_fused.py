@@ -144,6 +144,10 @@ def _head_fwd(loop: Loop, h, w, b, label, keep, dense):
             _collectives.varying_like(jnp.zeros((1,), acc), *refs))
     (shift, sums, _), _ = lax.scan(tile, init,
                                    jnp.arange(count, dtype=jnp.int32))
+  # Typed to vary like every input, so cotangents arrive per device
+  # (see jsoft._collectives).
+  shift, sums = _collectives.varying_tree((shift, sums), h, w, b, label,
+                                          keep, dense)
   return (shift, sums), HeadResiduals(h, w, b, label, keep, dense, shift)
 
 
@@ -151,7 +155,8 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
   _, ct_sums = ct  # the shift has no gradient
   h, w, b = res.hidden, res.weight, res.bias
   acc = _checks.compute_dtype(h.dtype)
-  refs = (h, w, b, ct_sums.exp)
+  refs = (h, w, b, *jax.tree.leaves(ct_sums), res.label, res.keep,
+          res.shift)
 
   def fold(g, h_t, w_t):
     g_in = g.astype(h.dtype)

@@ -251,7 +251,11 @@ class SumsResiduals(NamedTuple):
 
 
 def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
-  return block_sums(cap, Block(logits, valid, first, dense), shift, label)
+  out = block_sums(cap, Block(logits, valid, first, dense), shift, label)
+  # Typed to vary like every input, so cotangents arrive per device
+  # (see jsoft._collectives).
+  return _collectives.varying_tree(out, logits, valid, dense, label, keep,
+                                   shift)
 
 
 def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
@@ -261,6 +265,8 @@ def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
   # writes e into the buffer the gradient then takes (the logits', when
   # they die here).
   out, e = block_sums_and_exp(cap, block, shift, label)
+  out = _collectives.varying_tree(out, logits, valid, dense, label, keep,
+                                  shift)
   return out, SumsResiduals(block, label, keep, shift, e)
 
 

@@ -131,8 +131,13 @@ def _row_bwd(static, res: RowResiduals, ct):
             target._replace(dense_mass=mass_or_u))
     return _loss_rule.row_loss(full, shift, s, z_loss)
 
-  ct_sums, ct_mass = jax.vjp(by_sums, sums,
-                             dense if lazy else target.dense_mass)[1](ct)
+  # Inside shard_map, the sums may be the same on devices where the loss
+  # and its cotangent differ (replicated logits, split labels): typed as
+  # varying with ct, JAX's VJP leaves their cotangents per device, and each
+  # gradient below is summed over those devices once (summed_like).
+  mass_in = dense if lazy else target.dense_mass
+  ct_sums, ct_mass = jax.vjp(
+      by_sums, *_collectives.varying_tree((sums, mass_in), ct))[1](ct)
   g, g_dense = _loss_rule.block_grad(cap, block, shift, target.label,
                                      target.keep, ct_sums, res.exp)
   g = _collectives.summed_like(g, logits).astype(logits.dtype)

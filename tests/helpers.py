@@ -74,3 +74,72 @@ def rel_err(actual, expected) -> float:
   actual, expected = f64(actual), f64(expected)
   scale = np.maximum(np.abs(expected), np.finfo(np.float64).tiny)
   return float(np.max(np.abs(actual - expected) / scale, initial=0.0))
+
+
+# ------------------------------------------------------------------------
+# The textbook formulas in jax.numpy, for references that JAX's own autodiff
+# differentiates (gradients, HVPs): written from the definitions, in the
+# caller's (float64) dtype, sharing nothing with jsoft.
+
+
+def jax_ce_int(x, y, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
+               logit_soft_cap=None, class_weights=None, reduction="none"):
+  """PyTorch's cross-entropy with its options, plus the z-loss:
+  ``−Σ_c t_c log softmax(z)_c + λ·lse(z)²`` with ``z = a·tanh(x/a)`` and
+  ``t = (1 − ε)·w_y·onehot(y) + ε·w/C``; ignored rows give 0; ``"mean"``
+  divides by ``Σ w_y`` over kept rows."""
+  import jax
+  import jax.numpy as jnp
+
+  num_classes = x.shape[-1]
+  z = x if logit_soft_cap is None else (
+      logit_soft_cap * jnp.tanh(x / logit_soft_cap))
+  w = (jnp.ones(num_classes, x.dtype) if class_weights is None
+       else jnp.asarray(class_weights, x.dtype))
+  kept = (jnp.ones(y.shape, bool) if ignore_index is None
+          else y != ignore_index)
+  safe = jnp.where(kept, y, 0)
+  onehot = jax.nn.one_hot(safe, num_classes, dtype=x.dtype)
+  eps = label_smoothing
+  t = (1 - eps) * w[safe][..., None] * onehot + eps * w / num_classes
+  lse = jax.nn.logsumexp(z, axis=-1)
+  loss = -jnp.sum(t * jax.nn.log_softmax(z), axis=-1) + z_loss * lse**2
+  loss = jnp.where(kept, loss, 0)
+  if reduction == "sum":
+    return jnp.sum(loss)
+  if reduction == "mean":
+    return jnp.sum(loss) / jnp.sum(jnp.where(kept, w[safe], 0))
+  return loss
+
+
+def jax_ce_prob(x, t, *, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
+                reduction="none"):
+  """``−Σ_c t'_c log softmax(z)_c + λ·lse(z)²``, ``t' = (1 − ε)·t + ε/C``."""
+  import jax
+  import jax.numpy as jnp
+
+  z = x if logit_soft_cap is None else (
+      logit_soft_cap * jnp.tanh(x / logit_soft_cap))
+  t = (1 - label_smoothing) * t + label_smoothing / x.shape[-1]
+  lse = jax.nn.logsumexp(z, axis=-1)
+  loss = -jnp.sum(t * jax.nn.log_softmax(z), axis=-1) + z_loss * lse**2
+  return _reduce(loss, reduction)
+
+
+def jax_bce(x, t, *, pos_weight=None, reduction="none"):
+  """``−p·t·log σ(x) − (1 − t)·log σ(−x)``."""
+  import jax
+
+  p = 1.0 if pos_weight is None else pos_weight
+  loss = -p * t * jax.nn.log_sigmoid(x) - (1 - t) * jax.nn.log_sigmoid(-x)
+  return _reduce(loss, reduction)
+
+
+def _reduce(loss, reduction):
+  import jax.numpy as jnp
+
+  if reduction == "sum":
+    return jnp.sum(loss)
+  if reduction == "mean":
+    return jnp.mean(loss)
+  return loss
