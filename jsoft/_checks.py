@@ -247,6 +247,17 @@ def per_class(x: Any, num_classes: int, dtype: Any, fn: str,
   return jax.lax.stop_gradient(x.astype(dtype))
 
 
+def per_example(x: Any, batch: Sequence[int], dtype: Any, fn: str,
+                name: str) -> jax.Array | None:
+  """Checks a per-example array (``sample_weights``): real, of the labels'
+  shape; a constant (no gradient)."""
+  if x is None:
+    return None
+  x = real(jnp.asarray(x), fn, name)
+  shape(x, batch, fn, name, "the labels' shape")
+  return jax.lax.stop_gradient(x.astype(dtype))
+
+
 # ------------------------------------------------------------------ value
 
 

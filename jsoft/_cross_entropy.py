@@ -64,8 +64,8 @@ def _sharded_layout(fn, opts, axes, entries):
 
 @functools.partial(jax.jit, static_argnames=("axis", "opts", "ignore_index",
                                              "reduction"))
-def _int_ce_jit(logits, labels, axis, where, class_weights, opts, ignore_index,
-                reduction):
+def _int_ce_jit(logits, labels, axis, where, class_weights, sample_weights,
+                opts, ignore_index, reduction):
   fn = "softmax_cross_entropy_with_integer_labels"
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _checks.floating(logits, fn, "logits")
@@ -91,11 +91,18 @@ def _int_ce_jit(logits, labels, axis, where, class_weights, opts, ignore_index,
   target, scale = _targets.integer(opts, labels, entries, rows, weights,
                                    num_classes, _checks.compute_dtype(x.dtype))
   dense = _targets.smoothing(scale, weights, entries)
-  loss = _plain.loss(opts, x, entries, target, dense)
+  samples = _checks.per_example(sample_weights, batch,
+                                _checks.compute_dtype(x.dtype), fn,
+                                "sample_weights")
+  if samples is not None:
+    _checks.finite(samples, fn, "sample_weights")
+  loss = _targets.weighted(_plain.loss(opts, x, entries, target, dense),
+                           target, samples)
   share = None
   if reduction == "mean":
     share = _targets.mean_share(target, weights is not None
-                                or entries is not None or rows is not None)
+                                or entries is not None or rows is not None,
+                                samples)
   return reduce(loss, reduction, share)
 
 
@@ -106,7 +113,9 @@ def softmax_cross_entropy_with_integer_labels(
     ignore_index: int | None = None, label_smoothing: float = 0.0,
     z_loss: float = 0.0, logit_soft_cap: float | None = None,
     class_weights: jax.typing.ArrayLike | None = None,
-    reduction: str = "none", axis_name: Any = None) -> jax.Array:
+    reduction: str = "none", axis_name: Any = None,
+    temperature: float = 1.0,
+    sample_weights: jax.typing.ArrayLike | None = None) -> jax.Array:
   r"""Softmax cross-entropy against integer class labels: a drop-in for
   :func:`optax.softmax_cross_entropy_with_integer_labels`, with the options
   of :func:`torch.nn.functional.cross_entropy`.
@@ -119,10 +128,11 @@ def softmax_cross_entropy_with_integer_labels(
   ``ignore_index``) give NaN, never a wrapped class.
 
   With options, for class weights ``w`` (1 without), smoothing ``ε`` over
-  the ``C`` (unmasked) classes, z-loss ``λ`` and soft cap ``a``:
+  the ``C`` (unmasked) classes, z-loss ``λ``, soft cap ``a`` and
+  temperature ``T``:
 
   .. math::
-    \tilde x = a\tanh(x/a), \quad
+    \tilde x = a\tanh(x/a)\,/\,T, \quad
     t = (1-\varepsilon)\,w_y\,\mathrm{onehot}(y) + \varepsilon\,w/C, \quad
     L = -\sum_c t_c \log\operatorname{softmax}(\tilde x)_c
         + \lambda \operatorname{lse}(\tilde x)^2 .
@@ -130,8 +140,8 @@ def softmax_cross_entropy_with_integer_labels(
   Gradient (the VJP rule, one pass, no one-hot array): predicted minus
   target, :math:`\partial L/\partial\tilde x = \operatorname{softmax}(\tilde
   x)\,(\textstyle\sum_c t_c + 2\lambda\operatorname{lse}) - t` — plainly
-  ``softmax − onehot(y)`` without options — times :math:`1 -
-  \tanh^2(x/a)` under the soft cap and the incoming cotangent. Every
+  ``softmax − onehot(y)`` without options — times :math:`(1 -
+  \tanh^2(x/a))/T` (``1/T`` without the cap) and the incoming cotangent. Every
   autodiff mode works (``jvp``, ``jacfwd``, ``hessian``, HVPs).
 
   Args:
@@ -151,11 +161,18 @@ def softmax_cross_entropy_with_integer_labels(
     z_loss: ``λ ≥ 0``: adds ``λ·logsumexp(logits)²`` per example (PaLM).
     logit_soft_cap: ``a > 0``: the logits become ``a·tanh(logits/a)`` before
       everything else (Gemma 2).
+    temperature: ``T > 0``, a Python number (compile-time): the softmax
+      sees ``x̃/T``, after the soft cap. The loss is not rescaled (no
+      ``T²``).
     class_weights: ``[C]`` per-class weights, as torch's ``weight``
       (constants: no gradient flows to them).
+    sample_weights: optional floats of the labels' shape: each example's
+      loss (and its gradient) times its weight; constants (no gradient
+      flows to them).
     reduction: "none" (per example), "sum", or "mean": the sum divided by
-      the total weight ``Σ w_y`` of the examples that count (not masked,
-      not ignored), as in torch; 0 when none count.
+      the total weight ``Σ s·w_y`` (sample weight × class weight) of the
+      examples that count (not masked, not ignored), as in torch; 0 when
+      none count.
     axis_name: inside ``shard_map``, the mesh axis the class axis is
       sharded over: each device passes its slice of the classes (and of
       ``class_weights``) and gets the global per-example loss. Only a max,
@@ -184,7 +201,9 @@ def softmax_cross_entropy_with_integer_labels(
   return _int_ce_jit(
       _checks.asarray(logits), _checks.asarray(labels), _static_axis(axis),
       _checks.asarray(where), _checks.asarray(class_weights),
-      options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name),
+      _checks.asarray(sample_weights),
+      options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name,
+              temperature),
       _checks.static_int(ignore_index, fn, "ignore_index"),
       _checks.reduction(reduction, fn))
 
@@ -218,7 +237,8 @@ def softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None, *,
     label_smoothing: float = 0.0, z_loss: float = 0.0,
     logit_soft_cap: float | None = None,
-    reduction: str = "none", axis_name: Any = None) -> jax.Array:
+    reduction: str = "none", axis_name: Any = None,
+    temperature: float = 1.0) -> jax.Array:
   r"""Softmax cross-entropy against target distributions: a drop-in for
   :func:`optax.softmax_cross_entropy`, with the options of
   :func:`torch.nn.functional.cross_entropy` for probability targets.
@@ -229,14 +249,15 @@ def softmax_cross_entropy(
 
   Uses the max shift, and a target entry of 0 contributes nothing even where
   the logit is ``-inf`` (optax returns NaN there). With options the logits
-  are first soft-capped, ``x̃ = a·tanh(x/a)``, the target smoothed,
+  are first soft-capped and divided by the temperature,
+  ``x̃ = a·tanh(x/a)/T``, the target smoothed,
   ``t̃ = (1 − ε)·t + ε/C``, and ``λ·lse(x̃)²`` added.
 
   Gradient (the VJP rule): predicted minus target,
   :math:`\partial L/\partial\tilde x = \operatorname{softmax}(\tilde x)
   \,(\textstyle\sum_c \tilde t_c + 2\lambda\operatorname{lse}) - \tilde t`
-  (``y - t`` for normalised targets without options), times :math:`1 -
-  \tanh^2(x/a)` under the soft cap; and :math:`\partial L/\partial t =
+  (``y - t`` for normalised targets without options), times :math:`(1 -
+  \tanh^2(x/a))/T` (``1/T`` without the cap); and :math:`\partial L/\partial t =
   -(1 - \varepsilon)\log\operatorname{softmax}(\tilde x)`; both scaled by
   the incoming cotangent. Every autodiff mode works.
 
@@ -249,6 +270,9 @@ def softmax_cross_entropy(
     label_smoothing: ``ε`` in ``[0, 1]``, as in torch.
     z_loss: ``λ ≥ 0``: adds ``λ·logsumexp(logits)²`` per example.
     logit_soft_cap: ``a > 0``: soft-caps the logits first.
+    temperature: ``T > 0``, a Python number (compile-time): the softmax
+      sees ``x̃/T``, after the soft cap. The loss is not rescaled (no
+      ``T²``).
     reduction: "none", "sum", or "mean" (over the examples not masked out;
       0 when there are none).
     axis_name: inside ``shard_map``, the mesh axis the class axis is
@@ -270,5 +294,5 @@ def softmax_cross_entropy(
   return _ce_jit(_checks.asarray(logits), _checks.asarray(labels),
                  _static_axis(axis), _checks.asarray(where),
                  options(fn, label_smoothing, z_loss, logit_soft_cap,
-                         axis_name),
+                         axis_name, temperature),
                  _checks.reduction(reduction, fn))

@@ -31,11 +31,12 @@ from jax import lax
 
 from jsoft import _checks, _collectives, _loss_rule, _rules
 from jsoft._loss_rule import Block, Sums
+from jsoft._softcap import LogitMap
 
 
 class Loop(NamedTuple):
   """The tiling, fixed at compile time."""
-  cap: float | None  # the soft cap
+  lmap: LogitMap | None  # what the softmax sees (soft cap, temperature)
   chunk: int  # tokens (tokens loop) or classes (classes loop) per tile
   vocab: int  # this device's classes
   by_tokens: bool  # tiles of tokens, else tiles of classes
@@ -115,8 +116,8 @@ def _head_fwd(loop: Loop, h, w, b, label, keep, dense):
       h_t = lax.dynamic_slice_in_dim(h, start, loop.chunk)
       y_t = lax.dynamic_slice_in_dim(label, start, loop.chunk)
       block = Block(_tile_logits(h_t, w, b), None, first, dense)
-      m = _loss_rule.block_max(block, loop.cap)
-      return None, (m, _loss_rule.block_sums(loop.cap, block, m, y_t))
+      m = _loss_rule.block_max(block, loop.lmap)
+      return None, (m, _loss_rule.block_sums(loop.lmap, block, m, y_t))
 
     _, stacked = lax.scan(tile, None, jnp.arange(count, dtype=jnp.int32))
     shift, sums = jax.tree.map(
@@ -127,9 +128,9 @@ def _head_fwd(loop: Loop, h, w, b, label, keep, dense):
     def tile(carry, j):
       m, sums, seen = carry
       block, _ = _class_tile(loop, h, w, b, dense, j, start_of(j))
-      new = jnp.maximum(m, _loss_rule.block_max(block, loop.cap))
+      new = jnp.maximum(m, _loss_rule.block_max(block, loop.lmap))
       sums = _loss_rule.add(_loss_rule.rebase(sums, m, new, seen),
-                            _loss_rule.block_sums(loop.cap, block, new, label))
+                            _loss_rule.block_sums(loop.lmap, block, new, label))
       if block.dense is not None:  # Σ u over the classes seen so far
         seen = seen + jnp.sum(jnp.broadcast_to(block.dense, (1, loop.chunk)),
                               axis=-1)
@@ -180,7 +181,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
         keep = own if keep is None else keep & own
       block = Block(_tile_logits(h_t, w, b), None, first, res.dense)
       g, _ = _loss_rule.block_grad(
-          loop.cap, block, rows(res.shift, start), rows(res.label, start),
+          loop.lmap, block, rows(res.shift, start), rows(res.label, start),
           keep, jax.tree.map(lambda x: rows(x, start), ct_sums))
       dh_t, dw_t = fold(g, h_t, w)
       db = None if db is None else db + jnp.sum(g, axis=0)
@@ -205,7 +206,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
       dh, dw, db = carry
       start = start_of(j)
       block, w_t = _class_tile(loop, h, w, b, res.dense, j, start)
-      g, _ = _loss_rule.block_grad(loop.cap, block, res.shift, res.label,
+      g, _ = _loss_rule.block_grad(loop.lmap, block, res.shift, res.label,
                                    res.keep, ct_sums)
       if block.valid is not None:  # the previous tile's columns
         g = jnp.where(block.valid, g, 0)

@@ -15,22 +15,22 @@ bytes and reading them back.
 So each pass spells its shifted logits ``z = x̃ − c`` its own way, with the
 same bits:
 
-============  ======================  =============================
-pass          soft cap ``x̃``           shift
-============  ======================  =============================
-``FIRST``     ``a·tanh(x/a)``          ``x̃ − c``
-``SECOND``    ``(−a)·tanh(x/(−a))``    ``x̃ + (−c)``
-``GRADIENT``  ``2a·(−m/(4 + 2m))``     ``−(c − x̃)``
-============  ======================  =============================
+============  ========================  ====================  ==============
+pass          soft cap and ``T``         ``T`` alone           shift
+============  ========================  ====================  ==============
+``FIRST``     ``s·tanh(x/a)``            ``x·r``               ``x̃ − c``
+``SECOND``    ``(−s)·tanh(x/(−a))``      ``−(x·(−r))``         ``x̃ + (−c)``
+``GRADIENT``  ``2s·(−m/(4 + 2m))``       ``(x·2r)·½``          ``−(c − x̃)``
+============  ========================  ====================  ==============
 
-(``tanh`` is odd, IEEE division and negation are sign-symmetric, and
-scaling by 2 is exact; ``m`` is :func:`jsoft._softcap.tanh_parts`'s
-``expm1``.) The exception is a forward pass that XLA CPU runs as one
-kernel, a chain of row reductions each feeding the next, reading each row
-once (:func:`jsoft._loss_rule.direct_loss`): inside one kernel a shared
-``z`` costs nothing and spelling it twice costs an op per logit. XLA CPU
-does so from 4096 rows on (:func:`one_kernel`); below that it splits the
-chain, and the second pass takes the ``SECOND`` spelling.
+(``s = a/T``, ``r = 1/T``; ``tanh`` is odd, IEEE division, multiplication and
+negation are sign-symmetric, and scaling by 2 is exact; ``m`` is
+:func:`jsoft._softcap.tanh_parts`'s ``expm1``.) The exception is a forward pass
+that XLA CPU runs as one kernel, a chain of row reductions each feeding the
+next, reading each row once (:func:`jsoft._loss_rule.direct_loss`): inside one
+kernel a shared ``z`` costs nothing and spelling it twice costs an op per
+logit. XLA CPU does so from 4096 rows on (:func:`one_kernel`); below that it
+splits the chain, and the second pass takes the ``SECOND`` spelling.
 
 Two more spellings steer the order XLA runs things in:
 :func:`after_label` and :func:`guarded_mass`. This module is the one
@@ -45,7 +45,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jsoft._softcap import tanh_parts
+from jsoft._softcap import LogitMap, tanh_parts
 
 FIRST, SECOND, GRADIENT = "first", "second", "gradient"
 
@@ -55,35 +55,46 @@ def _masked(x, valid):
 
 
 def shifted(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
-            cap: float | None, spelling: str = FIRST) -> jax.Array:
+            lmap: LogitMap | None, spelling: str = FIRST) -> jax.Array:
   """``masked(x̃) − shift`` for a forward pass (``FIRST`` or ``SECOND``).
 
   Args:
-    x: logits before the soft cap.
+    x: raw logits (before the logit map).
     shift: the row shift (of the capped logits), broadcastable to ``x``.
     valid: where False, the result is ``-inf`` (no mass); None: all.
-    cap: the soft cap ``a`` (None: no cap).
+    lmap: the soft cap and temperature (None: neither).
     spelling: which pass reads the result.
   """
-  if cap is not None:
-    a = -cap if spelling == SECOND else cap
-    x = a * jnp.tanh(x / a)
+  if lmap is not None and lmap.cap is None:
+    r = lmap.scale
+    x = -(x * (-r)) if spelling == SECOND else x * r
+  elif lmap is not None:
+    a, s = lmap.cap, lmap.scale
+    if spelling == SECOND:
+      a, s = -a, -s
+    x = s * jnp.tanh(x / a)
   x = _masked(x, valid)
   return x + (-shift) if spelling == SECOND else x - shift
 
 
 def gap_with_slope(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
-                   cap: float | None) -> tuple[jax.Array, jax.Array | None]:
+                   lmap: LogitMap | None) -> tuple[jax.Array, jax.Array | None]:
   """The gradient pass's ``(shift − masked(x̃), dx̃/dx)``: the gap ``−z``
-  (``+inf`` where masked) and the slope (None without a cap). Entries
-  where ``valid`` is False are read as 0 under the cap (slope 1: whatever
-  they hold cannot leak into the gradient)."""
-  if cap is None:
+  (``+inf`` where masked) and the slope (None for the identity map, a
+  number for a temperature alone). Entries where ``valid`` is False are
+  read as 0 under the cap (whatever they hold cannot leak into the
+  gradient)."""
+  if lmap is None:
     return shift - _masked(x, valid), None
+  if lmap.cap is None:
+    r = lmap.scale
+    return shift - _masked((x * (2 * r)) * 0.5, valid), r
   if valid is not None:
     x = jnp.where(valid, x, 0)
-  m, slope = tanh_parts(x, cap)
-  capped = jnp.sign(x) * ((2 * cap) * (-m / (4 + 2 * m)))
+  m, slope = tanh_parts(x, lmap.cap)
+  capped = jnp.sign(x) * ((2 * lmap.scale) * (-m / (4 + 2 * m)))
+  if lmap.temperature != 1.0:
+    slope = slope * (1 / lmap.temperature)
   return shift - _masked(capped, valid), slope
 
 

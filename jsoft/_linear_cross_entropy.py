@@ -53,7 +53,7 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
   # divide the axis.
   length, other = (n, vocab) if by_tokens else (vocab, n)
   chunk = min(chunk_size or default_chunk(length, other), length)
-  loop = _fused.Loop(opts.cap, chunk, vocab, by_tokens, opts.axis_name)
+  loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name)
   shift, sums = _fused.head_sums(loop, h, w, b, target.label, target.keep,
                                  dense)
   ax = opts.axis_name
@@ -70,8 +70,8 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
 
 @functools.partial(jax.jit, static_argnames=("opts", "chunk_size",
                                              "ignore_index", "reduction"))
-def _lce_jit(hidden, weight, labels, bias, class_weights, opts, chunk_size,
-             ignore_index, reduction):
+def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
+             where, opts, chunk_size, ignore_index, reduction):
   fn = "linear_cross_entropy"
   hidden, weight, labels = map(jnp.asarray, (hidden, weight, labels))
   _checks.floating(hidden, fn, "hidden")
@@ -96,12 +96,21 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, opts, chunk_size,
   weights = _checks.per_class(class_weights, vocab,
                               _checks.compute_dtype(dtype), fn,
                               "class_weights")
-  _checks.finite(hidden, fn, "hidden")
-  _checks.finite(weight, fn, "weight")
-
+  samples = _checks.per_example(sample_weights, batch,
+                                _checks.compute_dtype(dtype), fn,
+                                "sample_weights")
+  where = _checks.mask(where, batch, fn)
   n = math.prod(batch)
+  rows = None if where is None else where.reshape(n)
+  _checks.finite(hidden, fn, "hidden",
+                 None if rows is None else where[..., None])
+  _checks.finite(weight, fn, "weight")
+  if samples is not None:
+    samples = samples.reshape(n)
+    _checks.finite(samples, fn, "sample_weights")
+
   h = hidden.reshape(n, d)
-  y, rows = _options.ignore(labels.reshape(n), None, ignore_index)
+  y, rows = _options.ignore(labels.reshape(n), rows, ignore_index)
   _checks.in_range(y, vocab * _collectives.num_shards(opts.axis_name), fn,
                    None if rows is None else ~rows)
   if rows is not None:
@@ -110,10 +119,12 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, opts, chunk_size,
     h = jnp.where(rows[:, None], h, 0)
   loss, target = _head_loss(opts, chunk_size, h, weight, bias, y, rows,
                             weights)
+  loss = _targets.weighted(loss, target, samples)
   share = None
   if reduction == "mean":
     share = _targets.mean_share(target, weights is not None or
-                                rows is not None)
+                                rows is not None, samples)
+    share = None if share is None else share.reshape(batch)
   return _options.reduce(loss.reshape(batch), reduction, share)
 
 
@@ -124,14 +135,17 @@ def linear_cross_entropy(
     ignore_index: int | None = None, label_smoothing: float = 0.0,
     z_loss: float = 0.0, logit_soft_cap: float | None = None,
     class_weights: jax.typing.ArrayLike | None = None,
-    reduction: str = "none", axis_name: Any = None) -> jax.Array:
+    reduction: str = "none", axis_name: Any = None,
+    temperature: float = 1.0,
+    sample_weights: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None) -> jax.Array:
   r"""Cross-entropy of a linear head, ``CE(hidden @ weight + bias, labels)``,
   without materialising the ``[N, V]`` logits or their gradient.
 
   Equal, in value and in gradients with respect to ``hidden``, ``weight``
   and ``bias``, to
   ``softmax_cross_entropy_with_integer_labels(hidden @ weight + bias,
-  labels, ...)`` with the same options, all but ``where=`` (see that
+  labels, ...)`` with the same options, ``where=`` per token (see that
   function for the formula and the options): the same loss rule
   (:mod:`jsoft._loss_rule`) applied to one tile of logits at a time.
 
@@ -175,8 +189,11 @@ def linear_cross_entropy(
     chunk_size: tokens (or classes, when ``N < V``) per tile; None: from
       the memory budget above.
     ignore_index, label_smoothing, z_loss, logit_soft_cap, class_weights,
-      reduction: as in
+      reduction, temperature, sample_weights: as in
       :func:`jsoft.softmax_cross_entropy_with_integer_labels`.
+    where: optional boolean mask of the labels' shape: ``False`` tokens are
+      ignored (loss 0, zero gradient, no share in "mean"), as with
+      ``ignore_index``.
     axis_name: inside ``shard_map``, the mesh axis ``weight``'s V axis (and
       ``bias``, ``class_weights``) is sharded over, ``hidden`` and
       ``labels`` (global class indices) being the same on each device of
@@ -207,8 +224,10 @@ def linear_cross_entropy(
   return _lce_jit(
       _checks.asarray(hidden), _checks.asarray(weight),
       _checks.asarray(labels), _checks.asarray(bias),
-      _checks.asarray(class_weights),
-      _options.options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name),
+      _checks.asarray(class_weights), _checks.asarray(sample_weights),
+      _checks.asarray(where),
+      _options.options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name,
+                       temperature),
       chunk_size,
       _checks.static_int(ignore_index, fn, "ignore_index"),
       _checks.reduction(reduction, fn))

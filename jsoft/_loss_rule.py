@@ -7,8 +7,9 @@ Every softmax loss in jsoft is, per example,
       + \lambda_z \operatorname{lse}(\tilde x)^2,
   \qquad t = \lambda\,\mathrm{onehot}(y) + u,
 
-with ``x̃`` the (soft-capped, masked) logits and a target in two parts: a
-label part (integer labels: ``λ = (1 − ε)·w_y``) and a dense part ``u``
+with ``x̃`` the logits the softmax sees (soft-capped, divided by the
+temperature, masked: :class:`jsoft._softcap.LogitMap`) and a target in two
+parts: a label part (integer labels: ``λ = (1 − ε)·w_y``) and a dense part ``u``
 (label smoothing ``ε·w/C``, or a whole probability target). With the shift
 ``c = max x̃`` (held constant: nothing depends on it) and ``z = x̃ − c``,
 ``L`` reads the logits only through three sums per example,
@@ -34,16 +35,16 @@ block. With ``∂L/∂s = (λ + U + 2λ_z·lse)/s``, ``∂L/∂x̃_y = −λ`` a
   - u = \operatorname{softmax}(\tilde x)\textstyle\sum_c t_c - t
   \;(+\,2\lambda_z\operatorname{lse}\operatorname{softmax}),
 
-times ``dx̃/dx`` under the soft cap: one elementwise pass, no one-hot
-array. :func:`row_loss`, the per-example algebra above, is plain JAX and
-differentiated by JAX, as are the collectives that combine devices' sums.
-The drivers call these: :func:`sums` (the block's sums with
-:func:`block_grad` as their VJP rule, every autodiff mode) for the sharded
-plain loss; :func:`block_sums`, :func:`block_grad` and :func:`row_loss`
-inside their own VJP rules for the whole-row plain loss
-(:mod:`jsoft._plain`) and for each tile of the fused head
-(:mod:`jsoft._fused`). :func:`direct_loss` is :func:`row_loss` of a whole
-row evaluated as one chain of reductions, for a forward pass alone.
+times ``dx̃/dx`` (the cap's and the temperature's slope): one elementwise pass,
+no one-hot array. :func:`row_loss`, the per-example algebra above, is plain JAX
+and differentiated by JAX, as are the collectives that combine devices' sums.
+The drivers call these: :func:`sums` (the block's sums with :func:`block_grad`
+as their VJP rule, every autodiff mode) for the sharded plain loss;
+:func:`block_sums`, :func:`block_grad` and :func:`row_loss` inside their own
+VJP rules for the whole-row plain loss (:mod:`jsoft._plain`) and for each tile
+of the fused head (:mod:`jsoft._fused`). :func:`direct_loss` is
+:func:`row_loss` of a whole row evaluated as one chain of reductions, for a
+forward pass alone.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsoft import _checks, _collectives, _fusion, _rules
-from jsoft._softcap import cap as soft_cap
+from jsoft._softcap import LogitMap, apply
 from jsoft._softmax import masked, mass, nan_where, row_shift
 
 
@@ -74,7 +75,7 @@ class Target(NamedTuple):
 
 class Block(NamedTuple):
   """A block of classes of every example: a row, a shard or a tile."""
-  logits: jax.Array  # [..., width] raw logits, before the cap
+  logits: jax.Array  # [..., width] raw logits x (x̃ is their LogitMap)
   valid: jax.Array | None  # bool, broadcastable to logits; None: all valid
   first: Any  # the global index of the block's first class
   dense: Any  # u on the block, broadcastable to logits; None: no dense part
@@ -92,11 +93,11 @@ def _raw(block: Block) -> jax.Array:
   return block.logits.astype(_checks.compute_dtype(block.logits.dtype))
 
 
-def block_max(block: Block, cap: float | None,
+def block_max(block: Block, lmap: LogitMap | None,
               label: jax.Array | None = None) -> jax.Array:
   """The block's row max of ``x̃`` (no gradient), at least the most
-  negative float (or its cap), so a block with no mass shifts by a finite
-  number. Capped after the max: the cap is increasing.
+  negative float (mapped), so a block with no mass shifts by a finite
+  number. Mapped after the max: the logit map is increasing.
 
   With ``label``, the label's logit takes part too (it is one of the
   entries, so the max is the same): see :func:`jsoft._fusion.after_label`.
@@ -106,7 +107,7 @@ def block_max(block: Block, cap: float | None,
   if label is not None and x.shape[-1]:
     x_label, present = _gather(block, label)
     c = _fusion.after_label(c, jnp.where(present, x_label, -jnp.inf))
-  return c if cap is None else soft_cap(c, cap)
+  return c if lmap is None else apply(c, lmap)
 
 
 def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -124,13 +125,13 @@ def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _label_logit(block: Block, label: jax.Array,
-                 cap: float | None) -> jax.Array:
+                 lmap: LogitMap | None) -> jax.Array:
   """``x̃_y`` where the label is a valid class of the block, else 0."""
   if block.logits.shape[-1] == 0:
     return jnp.zeros(label.shape, _raw(block).dtype)
   x_label, present = _gather(block, label)
-  if cap is not None:
-    x_label = soft_cap(x_label, cap)
+  if lmap is not None:
+    x_label = apply(x_label, lmap)
   return jnp.where(present, x_label, 0)
 
 
@@ -157,27 +158,27 @@ def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
   return jnp.sum(lost - u * zc, axis=-1)
 
 
-def block_sums_and_exp(cap: float | None, block: Block, shift: jax.Array,
+def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
                        label: jax.Array | None) -> tuple[Sums, jax.Array]:
   """:func:`block_sums`, and the ``e^z`` it summed (for the gradient)."""
   c = shift[..., None]
   x = _raw(block)
-  e = jnp.exp(_fusion.shifted(x, c, block.valid, cap))
-  x_label = None if label is None else _label_logit(block, label, cap)
+  e = jnp.exp(_fusion.shifted(x, c, block.valid, lmap))
+  x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    z = _fusion.shifted(x, c, block.valid, cap, _fusion.SECOND)
+    z = _fusion.shifted(x, c, block.valid, lmap, _fusion.SECOND)
     d = _dense_sum(block.dense, z)
   return Sums(jnp.sum(e, axis=-1), x_label, d), e
 
 
-def block_sums(cap: float | None, block: Block, shift: jax.Array,
+def block_sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
                label: jax.Array | None) -> Sums:
   """The block's :class:`Sums` relative to ``shift`` (``[...]``)."""
-  return block_sums_and_exp(cap, block, shift, label)[0]
+  return block_sums_and_exp(lmap, block, shift, label)[0]
 
 
-def direct_loss(cap: float | None, block: Block, target: Target,
+def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
                 z_loss: float) -> jax.Array:
   """:func:`row_loss` of a whole row (at least one class, no masked
   entries), evaluated as one chain of reductions,
@@ -191,24 +192,24 @@ def direct_loss(cap: float | None, block: Block, target: Target,
   """
   x = _raw(block)
   shift = lax.stop_gradient(jnp.max(x, axis=-1))
-  if cap is not None:
-    shift = soft_cap(shift, cap)
+  if lmap is not None:
+    shift = apply(shift, lmap)
   c = shift[..., None]
-  z = _fusion.shifted(x, c, None, cap)
+  z = _fusion.shifted(x, c, None, lmap)
   log_s = jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))
   if not _fusion.one_kernel(x.size // max(x.shape[-1], 1)):
-    z = _fusion.shifted(x, c, None, cap, _fusion.SECOND)
+    z = _fusion.shifted(x, c, None, lmap, _fusion.SECOND)
   loss = jnp.sum(block.dense * (log_s - z), axis=-1)
   log_s = log_s[..., 0]
   if target.label is not None:
     loss = loss + target.label_mass * (
-        log_s - (_label_logit(block, target.label, cap) - shift))
+        log_s - (_label_logit(block, target.label, lmap) - shift))
   if z_loss:
     loss = loss + z_loss * jnp.square(shift + log_s)
   return finish(loss, target)
 
 
-def block_grad(cap: float | None, block: Block, shift: jax.Array,
+def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
                label: jax.Array | None, keep: jax.Array | None,
                ct: Sums, exp: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
@@ -222,7 +223,7 @@ def block_grad(cap: float | None, block: Block, shift: jax.Array,
   recomputed (the fused head's tiles).
   """
   gap, slope = _fusion.gap_with_slope(_raw(block), shift[..., None],
-                                        block.valid, cap)
+                                        block.valid, lmap)
   g = (jnp.exp(-gap) if exp is None else exp) * ct.exp[..., None]
   if block.dense is not None:
     g = g - ct.dense[..., None] * block.dense
@@ -250,29 +251,29 @@ class SumsResiduals(NamedTuple):
   exp: jax.Array  # the forward's e^z, which the gradient scales
 
 
-def _sums_fun(cap, logits, valid, first, dense, label, keep, shift):
-  out = block_sums(cap, Block(logits, valid, first, dense), shift, label)
+def _sums_fun(lmap, logits, valid, first, dense, label, keep, shift):
+  out = block_sums(lmap, Block(logits, valid, first, dense), shift, label)
   # Typed to vary like every input, so cotangents arrive per device
   # (see jsoft._collectives).
   return _collectives.varying_tree(out, logits, valid, dense, label, keep,
                                    shift)
 
 
-def _sums_fwd(cap, logits, valid, first, dense, label, keep, shift):
+def _sums_fwd(lmap, logits, valid, first, dense, label, keep, shift):
   block = Block(logits, valid, first, dense)
   # The gradient scales the forward's e^z rather than recompute them: the
   # exp (and the cap's tanh), not memory, bounds these passes, and XLA
   # writes e into the buffer the gradient then takes (the logits', when
   # they die here).
-  out, e = block_sums_and_exp(cap, block, shift, label)
+  out, e = block_sums_and_exp(lmap, block, shift, label)
   out = _collectives.varying_tree(out, logits, valid, dense, label, keep,
                                   shift)
   return out, SumsResiduals(block, label, keep, shift, e)
 
 
-def _sums_bwd(cap, res: SumsResiduals, ct):
+def _sums_bwd(lmap, res: SumsResiduals, ct):
   block = res.block
-  g, g_dense = block_grad(cap, block, res.shift, res.label, res.keep, ct,
+  g, g_dense = block_grad(lmap, block, res.shift, res.label, res.keep, ct,
                           res.exp)
   g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
   if g_dense is not None:
@@ -284,12 +285,12 @@ def _sums_bwd(cap, res: SumsResiduals, ct):
 _sums = _rules.vjp_rule(_sums_fun, _sums_fwd, _sums_bwd)
 
 
-def sums(cap: float | None, block: Block, shift: jax.Array,
+def sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
          label: jax.Array | None, keep: jax.Array | None) -> Sums:
   """:func:`block_sums`, differentiable in every mode through
   :func:`block_grad` (with respect to the logits and a per-example dense
   target)."""
-  return _sums(cap, block.logits, block.valid, block.first, block.dense,
+  return _sums(lmap, block.logits, block.valid, block.first, block.dense,
                label, keep, lax.stop_gradient(shift))
 
 

@@ -14,28 +14,33 @@ import jax
 import jax.numpy as jnp
 
 from jsoft import _checks
+from jsoft._softcap import LogitMap, logit_map
 
 
 class Options(NamedTuple):
   """Loss options fixed at compile time (hashable)."""
   smoothing: float = 0.0  # label smoothing ε
   z_loss: float = 0.0  # λ of λ·lse²
-  cap: float | None = None  # logit soft cap a
+  lmap: LogitMap | None = None  # soft cap and temperature (None: neither)
   axis_name: Any = None  # the mesh axis the classes are split over
 
 
 def options(fn: str, label_smoothing: Any, z_loss: Any,
-            logit_soft_cap: Any, axis_name: Any = None) -> Options:
+            logit_soft_cap: Any, axis_name: Any = None,
+            temperature: Any = 1.0) -> Options:
   """Validates the softmax losses' options into an :class:`Options`."""
   cap = None
   if logit_soft_cap is not None:
     cap = _checks.static_float(logit_soft_cap, fn, "logit_soft_cap", low=0.0,
                                open_low=True)
+  temperature = _checks.static_float(temperature, fn, "temperature", low=0.0,
+                                     open_low=True)
   return Options(
       smoothing=_checks.static_float(label_smoothing, fn, "label_smoothing",
                                      low=0.0, high=1.0),
       z_loss=_checks.static_float(z_loss, fn, "z_loss", low=0.0),
-      cap=cap, axis_name=_checks.axis_name(axis_name, fn))
+      lmap=logit_map(cap, temperature),
+      axis_name=_checks.axis_name(axis_name, fn))
 
 
 def ignore(labels: jax.Array, rows: jax.Array | None,

@@ -33,7 +33,7 @@ def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
   """The per-example loss of ``logits`` ``[..., C]`` (classes last).
 
   Args:
-    opts: the options (soft cap, z-loss, the mesh axis of the classes).
+    opts: the options (logit map, z-loss, the mesh axis of the classes).
     logits: raw logits (16-bit ones are computed in float32).
     valid: the entries taking part (``where``), or None.
     target: the per-example target (:mod:`jsoft._targets`).
@@ -42,13 +42,13 @@ def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
   ax = opts.axis_name
   if ax is None:
     numbers, arrays = _split(target)
-    return _row((opts.cap, opts.z_loss, numbers), logits, valid, dense,
+    return _row((opts.lmap, opts.z_loss, numbers), logits, valid, dense,
                 *arrays)
   block = Block(logits, valid, _collectives.first_class(ax, logits.shape[-1]),
                 dense)
   shift = _collectives.pmax(
-      _loss_rule.block_max(block, opts.cap, target.label), ax)
-  sums = _loss_rule.sums(opts.cap, block, shift, target.label, target.keep)
+      _loss_rule.block_max(block, opts.lmap, target.label), ax)
+  sums = _loss_rule.sums(opts.lmap, block, shift, target.label, target.keep)
   return _loss_rule.row_loss(target, shift, _collectives.psum(sums, ax),
                              opts.z_loss)
 
@@ -83,40 +83,40 @@ def _with_mass(target: Target, dense: Any) -> Target:
   return target._replace(dense_mass=jnp.sum(dense, axis=-1))
 
 
-def _forward(cap, z_loss, block, target):
+def _forward(lmap, z_loss, block, target):
   """The loss by the rule's sums: ``(loss, shift, sums, e^z)``."""
   target = _with_mass(target, block.dense)
-  shift = _loss_rule.block_max(block, cap, target.label)
-  sums, e = _loss_rule.block_sums_and_exp(cap, block, shift, target.label)
+  shift = _loss_rule.block_max(block, lmap, target.label)
+  sums, e = _loss_rule.block_sums_and_exp(lmap, block, shift, target.label)
   return _loss_rule.row_loss(target, shift, sums, z_loss), shift, sums, e
 
 
 def _row_fun(static, logits, valid, dense, *arrays):
-  cap, z_loss, numbers = static
+  lmap, z_loss, numbers = static
   block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
 
   def by_sums():
-    return _forward(cap, z_loss, block, target)[0]
+    return _forward(lmap, z_loss, block, target)[0]
 
   if (dense is None or jnp.ndim(dense) == 0 or valid is not None
       or target.dense_mass is not None or not logits.shape[-1]):
     # Nothing to gain (one target for every class, masked entries), or the
     # target is smoothed: the cond would store it.
     return by_sums()
-  fast = _loss_rule.direct_loss(cap, block, target, z_loss)
+  fast = _loss_rule.direct_loss(lmap, block, target, z_loss)
   return lax.cond(jnp.any(jnp.isnan(fast)), by_sums, lambda: fast)
 
 
 def _row_fwd(static, logits, valid, dense, *arrays):
-  cap, z_loss, numbers = static
+  lmap, z_loss, numbers = static
   block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
-  out, shift, sums, e = _forward(cap, z_loss, block, target)
+  out, shift, sums, e = _forward(lmap, z_loss, block, target)
   # The gradient scales the forward's e^z (see _loss_rule._sums_fwd).
   return out, RowResiduals(logits, valid, dense, arrays, shift, sums, e)
 
 
 def _row_bwd(static, res: RowResiduals, ct):
-  cap, z_loss, numbers = static
+  lmap, z_loss, numbers = static
   logits, dense, shift, sums, arrays = (res.logits, res.dense, res.shift,
                                         res.sums, res.arrays)
   block = Block(logits, res.valid, 0, dense)
@@ -138,7 +138,7 @@ def _row_bwd(static, res: RowResiduals, ct):
   mass_in = dense if lazy else target.dense_mass
   ct_sums, ct_mass = jax.vjp(
       by_sums, *_collectives.varying_tree((sums, mass_in), ct))[1](ct)
-  g, g_dense = _loss_rule.block_grad(cap, block, shift, target.label,
+  g, g_dense = _loss_rule.block_grad(lmap, block, shift, target.label,
                                      target.keep, ct_sums, res.exp)
   g = _collectives.summed_like(g, logits).astype(logits.dtype)
   if g_dense is not None:

@@ -144,11 +144,32 @@ def probability(opts: Options, labels: jax.Array, entries: jax.Array | None,
   return Target(None, 0.0, mass, 1.0, has_loss, None, has_loss), u
 
 
-def mean_share(target: Target, masked: bool) -> jax.Array | None:
-  """Each example's share of the "mean" denominator: its weight if it has
-  a loss, else 0; None when every example counts 1 (``masked`` False)."""
+def mean_share(target: Target, masked: bool,
+               sample_weights: jax.Array | None = None) -> jax.Array | None:
+  """Each example's share of the "mean" denominator: its weight (class
+  weight × sample weight) if it has a loss, else 0; None when every example
+  counts 1 (``masked`` False, no sample weights)."""
+  if sample_weights is not None:
+    share = target.weight * sample_weights
+    if target.has_loss is None:
+      return share
+    return jnp.where(target.has_loss, share, 0)
   if not masked and isinstance(target.weight, float):
     return None
   if target.has_loss is None:
     return None if isinstance(target.weight, float) else target.weight
   return jnp.where(target.has_loss, target.weight, 0)
+
+
+def weighted(loss: jax.Array, target: Target,
+             sample_weights: jax.Array | None) -> jax.Array:
+  """Each example's loss times its sample weight (a constant, so the
+  gradient is scaled alike); examples without a loss stay an exact 0
+  whatever their weight holds, and a NaN loss (label out of range) stays
+  NaN."""
+  if sample_weights is None:
+    return loss
+  s = sample_weights.astype(loss.dtype)
+  if target.has_loss is not None:
+    s = jnp.where(target.has_loss, s, 0)
+  return loss * s

@@ -83,9 +83,10 @@ def rel_err(actual, expected) -> float:
 
 
 def jax_ce_int(x, y, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
-               logit_soft_cap=None, class_weights=None, reduction="none"):
+               logit_soft_cap=None, class_weights=None, reduction="none",
+               temperature=1.0):
   """PyTorch's cross-entropy with its options, plus the z-loss:
-  ``−Σ_c t_c log softmax(z)_c + λ·lse(z)²`` with ``z = a·tanh(x/a)`` and
+  ``−Σ_c t_c log softmax(z)_c + λ·lse(z)²`` with ``z = a·tanh(x/a)/T`` and
   ``t = (1 − ε)·w_y·onehot(y) + ε·w/C``; ignored rows give 0; ``"mean"``
   divides by ``Σ w_y`` over kept rows."""
   import jax
@@ -94,6 +95,7 @@ def jax_ce_int(x, y, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
   num_classes = x.shape[-1]
   z = x if logit_soft_cap is None else (
       logit_soft_cap * jnp.tanh(x / logit_soft_cap))
+  z = z / temperature
   w = (jnp.ones(num_classes, x.dtype) if class_weights is None
        else jnp.asarray(class_weights, x.dtype))
   kept = (jnp.ones(y.shape, bool) if ignore_index is None
@@ -113,13 +115,15 @@ def jax_ce_int(x, y, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
 
 
 def jax_ce_prob(x, t, *, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None,
-                reduction="none"):
-  """``−Σ_c t'_c log softmax(z)_c + λ·lse(z)²``, ``t' = (1 − ε)·t + ε/C``."""
+                reduction="none", temperature=1.0):
+  """``−Σ_c t'_c log softmax(z)_c + λ·lse(z)²``, ``t' = (1 − ε)·t + ε/C``,
+  ``z = a·tanh(x/a)/T``."""
   import jax
   import jax.numpy as jnp
 
   z = x if logit_soft_cap is None else (
       logit_soft_cap * jnp.tanh(x / logit_soft_cap))
+  z = z / temperature
   t = (1 - label_smoothing) * t + label_smoothing / x.shape[-1]
   lse = jax.nn.logsumexp(z, axis=-1)
   loss = -jnp.sum(t * jax.nn.log_softmax(z), axis=-1) + z_loss * lse**2

@@ -37,6 +37,10 @@ OPTIONS = {
                 logit_soft_cap=2.0, reduction="mean"),
     "weights_smoothing_sum": dict(ignore_index=IGNORE, label_smoothing=0.2,
                                   reduction="sum"),
+    "temperature": dict(temperature=1.5),
+    "all_temperature": dict(ignore_index=IGNORE, label_smoothing=0.1,
+                            z_loss=1e-2, logit_soft_cap=2.0, temperature=0.6,
+                            reduction="mean"),
 }
 
 
@@ -68,7 +72,9 @@ def _pair(opts, y, chunk, weights=None):
 
 CASES = [(shape, "plain") for shape in SHAPES] + [
     ("tokens_padded", "all"), ("vocab_padded", "all"), ("auto_chunk", "all"),
-    ("tokens", "weights_smoothing_sum"), ("vocab", "weights_smoothing_sum")]
+    ("tokens", "weights_smoothing_sum"), ("vocab", "weights_smoothing_sum"),
+    ("tokens_padded", "temperature"), ("vocab_padded", "temperature"),
+    ("tokens", "all_temperature"), ("vocab_padded", "all_temperature")]
 
 
 @pytest.mark.parametrize("shape_name,opt_name", CASES)
@@ -86,11 +92,13 @@ def test_value_and_gradients_equal_the_unfused_loss(shape_name, opt_name):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("shape_name", ["tokens_padded", "vocab_padded"])
-def test_check_grads_every_mode(shape_name):
+@pytest.mark.parametrize("shape_name,opt_name", [
+    ("tokens_padded", "all"), ("vocab_padded", "all_temperature")])
+def test_check_grads_every_mode(shape_name, opt_name):
   n, d, v, chunk = SHAPES[shape_name]
   h, w, b, y = _problem(n, d, v, seed=1)
-  fused, _ = _pair(OPTIONS["all"], y, chunk, rng.uniform(0.5, 2.0, size=v))
+  fused, _ = _pair(OPTIONS[opt_name], y, chunk,
+                   rng.uniform(0.5, 2.0, size=v))
   check_grads(fused, (h, w, b), order=2, modes=("fwd", "rev"))
 
 
@@ -196,3 +204,42 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
   args.update(kwargs)
   with pytest.raises(error, match=match):
     lce(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.parametrize("shape_name", ["tokens_padded", "vocab_padded"])
+def test_sample_weights_and_where_equal_the_unfused_loss(shape_name):
+  n, d, v, chunk = SHAPES[shape_name]
+  h, w, b, y = _problem(n, d, v, seed=3)
+  s = rng.uniform(0.5, 2.0, size=n)
+  mask = rng.uniform(size=n) > 0.3
+  kw = dict(ignore_index=IGNORE, label_smoothing=0.1, temperature=0.8,
+            class_weights=rng.uniform(0.5, 2.0, size=v), sample_weights=s,
+            reduction="mean")
+
+  def fused(h, w, b):
+    return lce(h, w, y, bias=b, chunk_size=chunk, where=mask, **kw)
+
+  def unfused(h, w, b):
+    return int_ce(h @ w + b, y, where=mask, **kw)
+
+  np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), rtol=1e-13)
+  for got, want in zip(jax.grad(fused, argnums=(0, 1, 2))(h, w, b),
+                       jax.grad(unfused, argnums=(0, 1, 2))(h, w, b),
+                       strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_where_is_ignore_index_per_token():
+  h, w, b, y = _problem(7, 3, 5, seed=4)
+  y = np.where(y == IGNORE, 0, y)
+  mask = np.array([1, 0, 1, 1, 0, 1, 1], bool)
+  h = h.copy()
+  h[1] = np.nan  # a masked token's features never reach the gradients
+  by_mask = lce(h, w, y, where=mask, reduction="mean")
+  by_index = lce(h, w, np.where(mask, y, IGNORE), ignore_index=IGNORE,
+                 reduction="mean")
+  np.testing.assert_array_equal(by_mask, by_index)
+  g = jax.grad(lambda w: lce(h, w, y, where=mask, reduction="sum"))(w)
+  assert np.isfinite(g).all()
+  with pytest.raises(ValueError, match="where"):
+    lce(h, w, y, where=np.ones(8, bool))

@@ -77,6 +77,12 @@ MODES = {
     "int_cap_only": lambda x: int_ce(x, np.array([0, 4, 1, 2]),
                                      logit_soft_cap=2.0),
     "int_z_only": lambda x: int_ce(x, np.array([0, 4, 1, 2]), z_loss=0.05),
+    "int_temperature": lambda x: int_ce(x, np.array([0, 4, 1, 2]),
+                                        temperature=0.6),
+    "int_all_temperature": lambda x: int_ce(x, Y, **ALL_INT, temperature=2.5,
+                                            reduction="mean"),
+    "prob_temperature_grad_labels": lambda t: prob_ce(
+        X, t, logit_soft_cap=2.5, temperature=1.7),
     "prob_all": lambda x: prob_ce(x, P, label_smoothing=0.2, z_loss=1e-2,
                                   logit_soft_cap=2.5, reduction="mean"),
     "prob_all_grad_labels": lambda t: prob_ce(X, t, label_smoothing=0.2,
@@ -262,6 +268,9 @@ def test_checked_lets_ignored_labels_through():
     (dict(class_weights=np.ones(C + 1)), ValueError,
      r"class_weights must have shape \(5,\)"),
     (dict(label_smoothing="a lot"), TypeError, "must be a number"),
+    (dict(temperature=0.0), ValueError, r"temperature .* \(0, inf\)"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=np.inf), ValueError, "finite"),
 ])
 def test_bad_options_raise_clear_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -271,3 +280,102 @@ def test_bad_options_raise_clear_errors(kwargs, error, match):
 def test_binary_bad_pos_weight_shape():
   with pytest.raises(ValueError, match="pos_weight of shape"):
     bce(X, T, pos_weight=np.ones(C + 1))
+
+
+# ------------------------------------------------------------ temperature
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_temperature_divides_what_the_softmax_sees(temperature, cap):
+  # L = −log softmax(a·tanh(x/a)/T)_y, float64 SciPy.
+  z = X if cap is None else cap * np.tanh(X / cap)
+  z = z / temperature
+  kept = Y >= 0
+  want = -sp.log_softmax(z, -1)[np.arange(N), np.where(kept, Y, 0)] * kept
+  got = int_ce(X, Y, ignore_index=-1, logit_soft_cap=cap,
+               temperature=temperature)
+  np.testing.assert_allclose(got, want, rtol=1e-13)
+  want_prob = -np.sum(P * sp.log_softmax(z, -1), -1)
+  np.testing.assert_allclose(
+      prob_ce(X, P, logit_soft_cap=cap, temperature=temperature), want_prob,
+      rtol=1e-13)
+  # The gradient is (softmax − onehot)·dx̃/dx, with dx̃/dx = sech²(x/a)/T.
+  slope = (1.0 if cap is None else 1 - np.tanh(X / cap) ** 2) / temperature
+  onehot = np.eye(C)[np.where(kept, Y, 0)] * kept[:, None]
+  g = jax.grad(lambda x: jnp.sum(int_ce(
+      x, Y, ignore_index=-1, logit_soft_cap=cap, temperature=temperature)))(X)
+  np.testing.assert_allclose(
+      g, (sp.softmax(z, -1) * kept[:, None] - onehot) * slope, rtol=1e-12,
+      atol=1e-15)
+
+
+def test_temperature_with_every_option_matches_autodiff_of_the_formula():
+  kw = dict(ALL_INT, temperature=0.7, reduction="mean")
+  ref = lambda x: helpers.jax_ce_int(  # noqa: E731
+      x, jnp.asarray(Y), **dict(kw, ignore_index=-1))
+  f = lambda x: int_ce(x, Y, **kw)  # noqa: E731
+  np.testing.assert_allclose(f(X), ref(X), rtol=1e-13)
+  np.testing.assert_allclose(jax.hessian(f)(X), jax.hessian(ref)(X),
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_temperature_one_is_the_plain_loss_bit_for_bit():
+  x32 = jnp.asarray(X, jnp.float32)
+  y = np.array([0, 4, 1, 2])
+  np.testing.assert_array_equal(int_ce(x32, y, temperature=1.0),
+                                int_ce(x32, y))
+  np.testing.assert_array_equal(
+      int_ce(x32, y, logit_soft_cap=3.0, temperature=1.0),
+      int_ce(x32, y, logit_soft_cap=3.0))
+
+
+# --------------------------------------------------------- sample weights
+
+S = np.array([0.5, 2.0, 7.0, 1.5])  # example 2 is ignored (label -1)
+
+
+def test_sample_weights_scale_each_example_and_the_mean():
+  # L_n = s_n·w_y·CE_n; "mean" divides by Σ s_n·w_y over kept examples.
+  kept = Y >= 0
+  safe = np.where(kept, Y, 0)
+  ce = -sp.log_softmax(X, -1)[np.arange(N), safe] * W[safe] * kept
+  got = int_ce(X, Y, ignore_index=-1, class_weights=W, sample_weights=S)
+  np.testing.assert_allclose(got, S * ce, rtol=1e-13)
+  mean = int_ce(X, Y, ignore_index=-1, class_weights=W, sample_weights=S,
+                reduction="mean")
+  np.testing.assert_allclose(mean, np.sum(S * ce) / np.sum((S * W[safe])[kept]),
+                             rtol=1e-13)
+  g = jax.grad(lambda x: int_ce(x, Y, ignore_index=-1, sample_weights=S,
+                                reduction="sum"))(X)
+  onehot = np.eye(C)[safe]
+  np.testing.assert_allclose(
+      g, (S * kept)[:, None] * (sp.softmax(X, -1) - onehot), rtol=1e-12,
+      atol=1e-15)
+
+
+def test_sample_weights_with_every_option_match_autodiff_of_the_formula():
+  kw = dict(ALL_INT, temperature=1.3)
+  f = lambda x: int_ce(x, Y, sample_weights=S, reduction="mean",  # noqa: E731
+                       **kw)
+  kept = Y >= 0
+  share = np.sum((S * W[np.where(kept, Y, 0)])[kept])
+  ref = lambda x: jnp.sum(helpers.jax_ce_int(  # noqa: E731
+      x, jnp.asarray(Y), **kw) * S) / share
+  np.testing.assert_allclose(f(X), ref(X), rtol=1e-13)
+  np.testing.assert_allclose(jax.hessian(f)(X), jax.hessian(ref)(X),
+                             rtol=1e-10, atol=1e-12)
+  check_grads(f, (X,), order=2, modes=("fwd", "rev"))
+
+
+def test_sample_weights_are_constants_and_ignored_rows_stay_zero():
+  s = S.copy()
+  s[2] = np.nan  # on the ignored example: no effect
+  loss = int_ce(X, Y, ignore_index=-1, sample_weights=s)
+  assert loss[2] == 0.0 and np.isfinite(loss).all()
+  g = jax.grad(lambda s: int_ce(X, Y, ignore_index=-1, sample_weights=s,
+                                reduction="sum"))(S)
+  np.testing.assert_array_equal(g, np.zeros(N))
+  with pytest.raises(ValueError, match=r"sample_weights must have shape"):
+    int_ce(X, Y, sample_weights=np.ones(N + 1))
+  assert np.isnan(int_ce(X, np.array([0, 9, 1, 2]), sample_weights=S)[1])

@@ -57,6 +57,8 @@ def _int_options(n, c):
       "label_smoothing": dict(label_smoothing=0.1),
       "z_loss": dict(z_loss=1e-4),
       "logit_soft_cap": dict(logit_soft_cap=30.0),
+      "temperature": dict(temperature=2.0),
+      "cap_and_temperature": dict(logit_soft_cap=30.0, temperature=0.7),
       "smoothing_and_cap": dict(label_smoothing=0.1, logit_soft_cap=30.0),
       "every_option": every,
       "every_option_mean": dict(every, reduction="mean"),
@@ -69,6 +71,8 @@ PROB_OPTIONS = {
     "plain": {},
     "z_loss": dict(z_loss=1e-4),
     "logit_soft_cap": dict(logit_soft_cap=30.0),
+    "temperature": dict(temperature=2.0),
+    "cap_and_temperature": dict(logit_soft_cap=30.0, temperature=0.7),
     "where_rows": "rows",
     "cap_z_loss_rows_mean": "all",
 }

@@ -88,8 +88,9 @@ class Loss(NamedTuple):
 
 
 ALL_INT = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-2,
-               logit_soft_cap=2.0, class_weights=True)
-ALL_PROB = dict(label_smoothing=0.1, z_loss=1e-2, logit_soft_cap=2.0)
+               logit_soft_cap=2.0, class_weights=True, temperature=0.7)
+ALL_PROB = dict(label_smoothing=0.1, z_loss=1e-2, logit_soft_cap=2.0,
+                temperature=1.5)
 
 
 def _int_kw(a, kw):
