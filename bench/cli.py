@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.options:
     from bench import options  # noqa: PLC0415
     result = options.measure(quick=args.quick, rounds=args.rounds or 7)
+    result["head"] = options.measure_head(quick=args.quick,
+                                          rounds=args.rounds or 7)
     print(options.table(result))
     if args.json:
       report.write_json(args.json, {"machine": report.machine(),

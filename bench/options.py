@@ -4,6 +4,10 @@ The integer-label CE's ``value_and_grad`` of the mean, at 4096×32000
 float32 (``--quick``: 1024×1000), with one option at a time and with all
 four (ignore 10% of the targets, label smoothing, z-loss, soft cap), timed
 in interleaved rounds against the plain call; XLA temp memory of each.
+Then the fused head (``linear_cross_entropy``, ``value_and_grad`` of the
+mean w.r.t. ``h`` and ``W`` at N=8192, D=256, V=32768; ``--quick``:
+512×32×1024) with its own features: statistics unused and used, a
+temperature, and 75% of the tokens ignored.
 """
 
 from __future__ import annotations
@@ -54,20 +58,74 @@ def measure(quick: bool = False, rounds: int = 7) -> dict[str, Any]:
     jitted = jax.jit(jax.value_and_grad(loss))
     impls[name] = Impl(name, lambda j=jitted: jax.block_until_ready(j(x)),
                        jitted, (x,))
+  return {"n": n, "c": c, "rounds": rounds,
+          "results": _against_plain(impls, rounds)}
+
+
+def _against_plain(impls: dict[str, Impl], rounds: int) -> dict[str, Any]:
   # timing.measure reports ratios to the peer named "jsoft": the plain call.
   impls["jsoft"] = impls.pop("plain")
   results = timing.measure(impls, rounds, 0.02, 0)
   results["plain"] = results.pop("jsoft")
-  return {"n": n, "c": c, "rounds": rounds, "results": results}
+  return results
+
+
+HEAD_IGNORED = 0.75
+
+
+def _head_features(y, ignored) -> dict[str, tuple[dict[str, Any], Any]]:
+  """name: (keyword arguments, how the loss is read from the output)."""
+  loss_only = lambda out: out[0]  # noqa: E731
+  with_entropy = lambda out: out[0] + out[1].entropy.mean()  # noqa: E731
+  return {
+      "plain": ({}, None),
+      "stats, unused": (dict(return_stats=True), loss_only),
+      "stats, entropy in the loss": (dict(return_stats=True), with_entropy),
+      "temperature": (dict(temperature=0.7), None),
+      f"{HEAD_IGNORED:.0%} ignored": (dict(ignore_index=IGNORE), None),
+  }
+
+
+def measure_head(quick: bool = False, rounds: int = 7) -> dict[str, Any]:
+  n, d, v = (512, 32, 1024) if quick else (8192, 256, 32768)
+  rng = np.random.default_rng(1)
+  h = jax.numpy.asarray(rng.normal(size=(n, d)).astype(np.float32))
+  w = jax.numpy.asarray((rng.normal(size=(d, v)) / np.sqrt(d)).astype(
+      np.float32))
+  y = jax.numpy.asarray(rng.integers(0, v, size=n).astype(np.int32))
+  ignored = jax.numpy.where(jax.numpy.arange(n) % 4 != 0, IGNORE, y)
+  impls = {}
+  for name, (kw, read) in _head_features(y, ignored).items():
+    labels = ignored if "ignore_index" in kw else y
+
+    def loss(h, w, kw=kw, read=read, labels=labels):
+      out = jsoft.linear_cross_entropy(h, w, labels, reduction="mean", **kw)
+      return out if read is None else read(out)
+
+    jitted = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    impls[name] = Impl(name, lambda j=jitted: jax.block_until_ready(
+        j(h, w)), jitted, (h, w))
+  return {"n": n, "d": d, "v": v, "rounds": rounds,
+          "results": _against_plain(impls, rounds)}
+
+
+def _rows(results: dict[str, Any], label: str, width: int) -> list[str]:
+  lines = [f"  {label:<{width}} {'ms':>9} {'× plain':>8} {'temp MB':>9}"]
+  for name, r in results.items():
+    ratio = 1.0 if name == "plain" else r["ratio_to_jsoft"]
+    lines.append(f"  {name:<{width}} {r['median_ms']:9.1f} {ratio:8.2f} "
+                 f"{r['temp_bytes'] / 1e6:9.2f}")
+  return lines
 
 
 def table(result: dict[str, Any]) -> str:
   lines = [f"training options: integer-label CE value_and_grad of the mean, "
            f"{result['n']}x{result['c']} float32 (median of "
-           f"{result['rounds']} interleaved rounds)",
-           f"  {'option':<16} {'ms':>9} {'× plain':>8} {'temp MB':>9}"]
-  for name, r in result["results"].items():
-    ratio = 1.0 if name == "plain" else r["ratio_to_jsoft"]
-    lines.append(f"  {name:<16} {r['median_ms']:9.1f} {ratio:8.2f} "
-                 f"{r['temp_bytes'] / 1e6:9.2f}")
+           f"{result['rounds']} interleaved rounds)"]
+  lines += _rows(result["results"], "option", 16)
+  head = result.get("head")
+  if head:
+    lines.append(f"fused head: linear_cross_entropy value_and_grad of the "
+                 f"mean, N={head['n']} D={head['d']} V={head['v']} float32")
+    lines += _rows(head["results"], "feature", 28)
   return "\n".join(lines)

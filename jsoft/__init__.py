@@ -23,10 +23,12 @@ from jsoft._sigmoid import sigmoid as sigmoid
 from jsoft._softmax import log_softmax as log_softmax
 from jsoft._softmax import logsumexp as logsumexp
 from jsoft._softmax import softmax as softmax
+from jsoft._stats import TokenStats as TokenStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TokenStats",
     "checked",
     "linear_cross_entropy",
     "log_sigmoid",

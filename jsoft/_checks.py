@@ -209,6 +209,14 @@ def reduction(value: Any, fn: str) -> str:
   return value
 
 
+def static_bool(value: Any, fn: str, name: str) -> bool:
+  """A Python bool (a compile-time switch), or a ``TypeError``."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"jsoft.{fn}: {name} must be True or False, got "
+                    f"{value!r}.")
+  return bool(value)
+
+
 def static_int(value: Any, fn: str, name: str) -> int | None:
   """None, or a Python int (e.g. ``ignore_index``)."""
   if value is None:

@@ -40,6 +40,10 @@ def pmax(x: jax.Array, axis_name: Any) -> jax.Array:
   return x if axis_name is None else lax.pmax(x, axis_name)
 
 
+def pmin(x: jax.Array, axis_name: Any) -> jax.Array:
+  return x if axis_name is None else lax.pmin(x, axis_name)
+
+
 def psum(tree: Any, axis_name: Any) -> Any:
   """``psum`` of every array in ``tree`` (None leaves stay None)."""
   if axis_name is None:

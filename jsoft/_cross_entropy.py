@@ -16,6 +16,7 @@ import numpy as np
 
 from jsoft import _checks, _collectives, _plain, _targets
 from jsoft._options import ignore, options, reduce
+from jsoft._stats import TokenStats
 
 Axis = int | tuple[int, ...] | None
 
@@ -63,9 +64,9 @@ def _sharded_layout(fn, opts, axes, entries):
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "opts", "ignore_index",
-                                             "reduction"))
+                                             "reduction", "return_stats"))
 def _int_ce_jit(logits, labels, axis, where, class_weights, sample_weights,
-                opts, ignore_index, reduction):
+                opts, ignore_index, reduction, return_stats):
   fn = "softmax_cross_entropy_with_integer_labels"
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _checks.floating(logits, fn, "logits")
@@ -96,14 +97,19 @@ def _int_ce_jit(logits, labels, axis, where, class_weights, sample_weights,
                                 "sample_weights")
   if samples is not None:
     _checks.finite(samples, fn, "sample_weights")
-  loss = _targets.weighted(_plain.loss(opts, x, entries, target, dense),
-                           target, samples)
+  stats = None
+  if return_stats:
+    loss, stats = _plain.loss_and_stats(opts, x, entries, target, dense)
+  else:
+    loss = _plain.loss(opts, x, entries, target, dense)
+  loss = _targets.weighted(loss, target, samples)
   share = None
   if reduction == "mean":
     share = _targets.mean_share(target, weights is not None
                                 or entries is not None or rows is not None,
                                 samples)
-  return reduce(loss, reduction, share)
+  loss = reduce(loss, reduction, share)
+  return loss if stats is None else (loss, stats)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -115,7 +121,8 @@ def softmax_cross_entropy_with_integer_labels(
     class_weights: jax.typing.ArrayLike | None = None,
     reduction: str = "none", axis_name: Any = None,
     temperature: float = 1.0,
-    sample_weights: jax.typing.ArrayLike | None = None) -> jax.Array:
+    sample_weights: jax.typing.ArrayLike | None = None,
+    return_stats: bool = False) -> jax.Array | tuple[jax.Array, TokenStats]:
   r"""Softmax cross-entropy against integer class labels: a drop-in for
   :func:`optax.softmax_cross_entropy_with_integer_labels`, with the options
   of :func:`torch.nn.functional.cross_entropy`.
@@ -173,6 +180,9 @@ def softmax_cross_entropy_with_integer_labels(
       the total weight ``Σ s·w_y`` (sample weight × class weight) of the
       examples that count (not masked, not ignored), as in torch; 0 when
       none count.
+    return_stats: also return each example's :class:`jsoft.TokenStats`
+      (``logprob``, ``logsumexp``, ``entropy``, ``correct``), from the same
+      pass as the loss; differentiable in every mode.
     axis_name: inside ``shard_map``, the mesh axis the class axis is
       sharded over: each device passes its slice of the classes (and of
       ``class_weights``) and gets the global per-example loss. Only a max,
@@ -183,7 +193,8 @@ def softmax_cross_entropy_with_integer_labels(
 
   Returns:
     The per-example loss, of the labels' shape, or a scalar: float32 for
-    16-bit logits, else the logits' dtype.
+    16-bit logits, else the logits' dtype; with ``return_stats``, the pair
+    ``(loss, stats)``.
 
   Examples:
     >>> import jax.numpy as jnp, jsoft
@@ -205,7 +216,8 @@ def softmax_cross_entropy_with_integer_labels(
       options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name,
               temperature),
       _checks.static_int(ignore_index, fn, "ignore_index"),
-      _checks.reduction(reduction, fn))
+      _checks.reduction(reduction, fn),
+      _checks.static_bool(return_stats, fn, "return_stats"))
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "opts", "reduction"))

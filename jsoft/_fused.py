@@ -41,6 +41,7 @@ class Loop(NamedTuple):
   vocab: int  # this device's classes
   by_tokens: bool  # tiles of tokens, else tiles of classes
   axis_name: Any  # the mesh axis W's classes are split over
+  stats: bool = False  # also the entropy sum and the argmax (TokenStats)
 
 
 class HeadResiduals(NamedTuple):
@@ -117,43 +118,61 @@ def _head_fwd(loop: Loop, h, w, b, label, keep, dense):
       y_t = lax.dynamic_slice_in_dim(label, start, loop.chunk)
       block = Block(_tile_logits(h_t, w, b), None, first, dense)
       m = _loss_rule.block_max(block, loop.lmap)
-      return None, (m, _loss_rule.block_sums(loop.lmap, block, m, y_t))
+      arg = (_loss_rule.block_argmax(loop.lmap, block, m) if loop.stats
+             else None)
+      return None, (m, _loss_rule.block_sums(loop.lmap, block, m, y_t,
+                                             loop.stats), arg)
 
     _, stacked = lax.scan(tile, None, jnp.arange(count, dtype=jnp.int32))
-    shift, sums = jax.tree.map(
+    shift, sums, argmax = jax.tree.map(
         lambda x: _untile(x, h.shape[0], loop.chunk), stacked)
   else:
     count, start_of = _tile_starts(loop.vocab, loop.chunk)
 
     def tile(carry, j):
-      m, sums, seen = carry
+      m, sums, seen, arg = carry
       block, _ = _class_tile(loop, h, w, b, dense, j, start_of(j))
       new = jnp.maximum(m, _loss_rule.block_max(block, loop.lmap))
-      sums = _loss_rule.add(_loss_rule.rebase(sums, m, new, seen),
-                            _loss_rule.block_sums(loop.lmap, block, new, label))
+      sums = _loss_rule.add(
+          _loss_rule.rebase(sums, m, new, seen),
+          _loss_rule.block_sums(loop.lmap, block, new, label, loop.stats))
       if block.dense is not None:  # Σ u over the classes seen so far
         seen = seen + jnp.sum(jnp.broadcast_to(block.dense, (1, loop.chunk)),
                               axis=-1)
-      return (new, sums, seen), None
+      if arg is not None:  # the first class at the running max
+        here = _loss_rule.block_argmax(loop.lmap, block, new)
+        arg = jnp.where(m == new, jnp.minimum(arg, here), here)
+      return (new, sums, seen, arg), None
 
     acc = _checks.compute_dtype(h.dtype)
     refs = (h, w, b, label)
     zeros = _collectives.varying_like(jnp.zeros(label.shape, acc), *refs)
     floor = jnp.full(label.shape, -float(jnp.finfo(acc).max), acc)
+    none = None
+    if loop.stats:
+      none = _collectives.varying_like(
+          jnp.full(label.shape, _loss_rule.NO_CLASS, jnp.int32), *refs)
     init = (_collectives.varying_like(floor, *refs),
-            Sums(zeros, zeros, None if dense is None else zeros),
-            _collectives.varying_like(jnp.zeros((1,), acc), *refs))
-    (shift, sums, _), _ = lax.scan(tile, init,
-                                   jnp.arange(count, dtype=jnp.int32))
+            Sums(zeros, zeros, None if dense is None else zeros,
+                 zeros if loop.stats else None),
+            _collectives.varying_like(jnp.zeros((1,), acc), *refs), none)
+    (shift, sums, _, argmax), _ = lax.scan(
+        tile, init, jnp.arange(count, dtype=jnp.int32))
+  if argmax is not None:
+    # Out as a float (a rule's outputs are differentiable types): exact
+    # below 2^24 classes; -1 for none.
+    argmax = jnp.where(argmax == _loss_rule.NO_CLASS, -1, argmax).astype(
+        shift.dtype)
   # Typed to vary like every input, so cotangents arrive per device
   # (see jsoft._collectives).
-  shift, sums = _collectives.varying_tree((shift, sums), h, w, b, label,
-                                          keep, dense)
-  return (shift, sums), HeadResiduals(h, w, b, label, keep, dense, shift)
+  shift, sums, argmax = _collectives.varying_tree(
+      (shift, sums, argmax), h, w, b, label, keep, dense)
+  return ((shift, sums, argmax),
+          HeadResiduals(h, w, b, label, keep, dense, shift))
 
 
 def _head_bwd(loop: Loop, res: HeadResiduals, ct):
-  _, ct_sums = ct  # the shift has no gradient
+  ct_sums = ct[1]  # the shift and the argmax have no gradient
   h, w, b = res.hidden, res.weight, res.bias
   acc = _checks.compute_dtype(h.dtype)
   refs = (h, w, b, *jax.tree.leaves(ct_sums), res.label, res.keep,
@@ -238,11 +257,17 @@ _head = _rules.vjp_rule(_head_fun, _head_fwd, _head_bwd)
 
 
 def head_sums(loop: Loop, h: jax.Array, w: jax.Array, b: jax.Array | None,
-              label: jax.Array, keep: jax.Array | None,
-              dense: Any) -> tuple[jax.Array, Sums]:
-  """Each token's shift and sums over this device's classes of
-  ``h @ w + b`` (``h``: ``[N, D]``; ``w``: ``[D, V]``; a tile of at most N
-  tokens or V classes), differentiable in every mode with respect to
-  ``h``, ``w`` and ``b``. ``dense`` (the smoothing target, a constant) is
-  a number or a ``[V]`` vector."""
-  return _head(loop, h, w, b, label, keep, dense)
+              label: jax.Array, keep: jax.Array | None, dense: Any
+              ) -> tuple[jax.Array, Sums, jax.Array | None]:
+  """Each token's shift, sums and (with ``loop.stats``) argmax over this
+  device's classes of ``h @ w + b`` (``h``: ``[N, D]``; ``w``: ``[D, V]``;
+  a tile of at most N tokens or V classes), the sums differentiable in
+  every mode with respect to ``h``, ``w`` and ``b``. ``dense`` (the
+  smoothing target, a constant) is a number or a ``[V]`` vector. The
+  argmax is a global class index (int32), :data:`NO_CLASS` where no class
+  reaches the shift."""
+  shift, sums, argmax = _head(loop, h, w, b, label, keep, dense)
+  if argmax is not None:
+    argmax = lax.stop_gradient(argmax).astype(jnp.int32)
+    argmax = jnp.where(argmax < 0, _loss_rule.NO_CLASS, argmax)
+  return shift, sums, argmax

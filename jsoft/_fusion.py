@@ -65,16 +65,23 @@ def shifted(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
     lmap: the soft cap and temperature (None: neither).
     spelling: which pass reads the result.
   """
-  if lmap is not None and lmap.cap is None:
-    r = lmap.scale
-    x = -(x * (-r)) if spelling == SECOND else x * r
-  elif lmap is not None:
-    a, s = lmap.cap, lmap.scale
-    if spelling == SECOND:
-      a, s = -a, -s
-    x = s * jnp.tanh(x / a)
-  x = _masked(x, valid)
+  x = _masked(mapped(x, lmap, spelling), valid)
   return x + (-shift) if spelling == SECOND else x - shift
+
+
+def mapped(x: jax.Array, lmap: LogitMap | None,
+           spelling: str = FIRST) -> jax.Array:
+  """``x̃``, in the ``FIRST`` or ``SECOND`` spelling: bit for bit the same
+  values (no add, so nothing for a fused multiply-add to contract)."""
+  if lmap is None:
+    return x
+  if lmap.cap is None:
+    r = lmap.scale
+    return -(x * (-r)) if spelling == SECOND else x * r
+  a, s = lmap.cap, lmap.scale
+  if spelling == SECOND:
+    a, s = -a, -s
+  return s * jnp.tanh(x / a)
 
 
 def gap_with_slope(x: jax.Array, shift: jax.Array, valid: jax.Array | None,

@@ -18,7 +18,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jsoft import _checks, _collectives, _fused, _loss_rule, _options, _targets
+from jsoft import (
+  _checks,
+  _collectives,
+  _fused,
+  _loss_rule,
+  _options,
+  _stats,
+  _targets,
+)
+from jsoft._stats import TokenStats
 
 # Default memory budget for one float32 tile of logits (chunk_size=None):
 # 1/64 of the full logits, between 1 and 8 MiB.
@@ -39,8 +48,9 @@ def default_chunk(length: int, other: int, budget: int | None = None) -> int:
   return max(1, min(chunk, length))
 
 
-def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
-  """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``)."""
+def _head_loss(opts, chunk_size, h, w, b, y, rows, weights, stats=False):
+  """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``), its target,
+  and with ``stats`` its :class:`jsoft.TokenStats` (else None)."""
   n, vocab = h.shape[0], w.shape[1]
   acc = _checks.compute_dtype(h.dtype)
   target, scale = _targets.integer(opts, y, None, rows, weights, vocab, acc)
@@ -53,9 +63,10 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
   # divide the axis.
   length, other = (n, vocab) if by_tokens else (vocab, n)
   chunk = min(chunk_size or default_chunk(length, other), length)
-  loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name)
-  shift, sums = _fused.head_sums(loop, h, w, b, target.label, target.keep,
-                                 dense)
+  loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name,
+                     stats)
+  shift, sums, argmax = _fused.head_sums(loop, h, w, b, target.label,
+                                         target.keep, dense)
   ax = opts.axis_name
   if ax is not None:
     # Each device's sums, moved to the global max, then added: one max
@@ -64,14 +75,21 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights):
         dense * vocab if jnp.ndim(dense) == 0 else jnp.sum(dense))
     top = _collectives.pmax(shift, ax)
     sums = _collectives.psum(_loss_rule.rebase(sums, shift, top, local), ax)
+    if argmax is not None:
+      argmax = _collectives.pmin(
+          jnp.where(shift == top, argmax, _loss_rule.NO_CLASS), ax)
     shift = top
-  return _loss_rule.row_loss(target, shift, sums, opts.z_loss), target
+  loss = _loss_rule.row_loss(target, shift, sums, opts.z_loss)
+  if not stats:
+    return loss, target, None
+  return loss, target, _stats.from_sums(target, shift, sums, argmax)
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "chunk_size",
-                                             "ignore_index", "reduction"))
+                                             "ignore_index", "reduction",
+                                             "return_stats"))
 def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
-             where, opts, chunk_size, ignore_index, reduction):
+             where, opts, chunk_size, ignore_index, reduction, return_stats):
   fn = "linear_cross_entropy"
   hidden, weight, labels = map(jnp.asarray, (hidden, weight, labels))
   _checks.floating(hidden, fn, "hidden")
@@ -117,15 +135,18 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
     # Ignored tokens take no part at all: zeroing their features keeps even
     # a NaN in them out of dW (0·NaN would be NaN).
     h = jnp.where(rows[:, None], h, 0)
-  loss, target = _head_loss(opts, chunk_size, h, weight, bias, y, rows,
-                            weights)
+  loss, target, stats = _head_loss(opts, chunk_size, h, weight, bias, y,
+                                   rows, weights, return_stats)
   loss = _targets.weighted(loss, target, samples)
   share = None
   if reduction == "mean":
     share = _targets.mean_share(target, weights is not None or
                                 rows is not None, samples)
     share = None if share is None else share.reshape(batch)
-  return _options.reduce(loss.reshape(batch), reduction, share)
+  loss = _options.reduce(loss.reshape(batch), reduction, share)
+  if stats is None:
+    return loss
+  return loss, jax.tree.map(lambda v: v.reshape(batch), stats)
 
 
 def linear_cross_entropy(
@@ -138,7 +159,8 @@ def linear_cross_entropy(
     reduction: str = "none", axis_name: Any = None,
     temperature: float = 1.0,
     sample_weights: jax.typing.ArrayLike | None = None,
-    where: jax.typing.ArrayLike | None = None) -> jax.Array:
+    where: jax.typing.ArrayLike | None = None,
+    return_stats: bool = False) -> jax.Array | tuple[jax.Array, TokenStats]:
   r"""Cross-entropy of a linear head, ``CE(hidden @ weight + bias, labels)``,
   without materialising the ``[N, V]`` logits or their gradient.
 
@@ -189,8 +211,10 @@ def linear_cross_entropy(
     chunk_size: tokens (or classes, when ``N < V``) per tile; None: from
       the memory budget above.
     ignore_index, label_smoothing, z_loss, logit_soft_cap, class_weights,
-      reduction, temperature, sample_weights: as in
-      :func:`jsoft.softmax_cross_entropy_with_integer_labels`.
+      reduction, temperature, sample_weights, return_stats: as in
+      :func:`jsoft.softmax_cross_entropy_with_integer_labels` (the
+      statistics come from the same tile loop: an entropy sum and a running
+      argmax per token, never the ``[N, V]`` logits).
     where: optional boolean mask of the labels' shape: ``False`` tokens are
       ignored (loss 0, zero gradient, no share in "mean"), as with
       ``ignore_index``.
@@ -230,4 +254,5 @@ def linear_cross_entropy(
                        temperature),
       chunk_size,
       _checks.static_int(ignore_index, fn, "ignore_index"),
-      _checks.reduction(reduction, fn))
+      _checks.reduction(reduction, fn),
+      _checks.static_bool(return_stats, fn, "return_stats"))

@@ -86,6 +86,9 @@ class Sums(NamedTuple):
   exp: jax.Array  # s = Σ e^(x̃ − c)
   label: jax.Array | None  # x̃_y, or 0 where y is not in the block
   dense: jax.Array | None  # d = Σ u·(c − x̃) ≥ 0, +inf for mass on −inf
+  # Σ e^z·(−z) ≥ 0 (0 for z = −inf), for the entropy log s + entropy/s;
+  # None unless the caller asks for statistics.
+  entropy: jax.Array | None = None
 
 
 def _raw(block: Block) -> jax.Array:
@@ -107,7 +110,12 @@ def block_max(block: Block, lmap: LogitMap | None,
   if label is not None and x.shape[-1]:
     x_label, present = _gather(block, label)
     c = _fusion.after_label(c, jnp.where(present, x_label, -jnp.inf))
-  return c if lmap is None else apply(c, lmap)
+  if lmap is None:
+    return c
+  if lmap.cap is None and lmap.scale > 1:
+    # T < 1 would take the floor to -inf (a row with no mass): keep it.
+    return jnp.maximum(apply(c, lmap), -float(jnp.finfo(c.dtype).max))
+  return apply(c, lmap)
 
 
 def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -159,23 +167,55 @@ def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
 
 
 def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
-                       label: jax.Array | None) -> tuple[Sums, jax.Array]:
+                       label: jax.Array | None, entropy: bool = False
+                       ) -> tuple[Sums, jax.Array]:
   """:func:`block_sums`, and the ``e^z`` it summed (for the gradient)."""
   c = shift[..., None]
   x = _raw(block)
-  e = jnp.exp(_fusion.shifted(x, c, block.valid, lmap))
+  z = _fusion.shifted(x, c, block.valid, lmap)
+  e = jnp.exp(z)
   x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    z = _fusion.shifted(x, c, block.valid, lmap, _fusion.SECOND)
-    d = _dense_sum(block.dense, z)
-  return Sums(jnp.sum(e, axis=-1), x_label, d), e
+    d = _dense_sum(block.dense, _fusion.shifted(x, c, block.valid, lmap,
+                                                _fusion.SECOND))
+  h = None
+  if entropy:
+    h = jnp.sum(e * -_finite(z), axis=-1)
+  return Sums(jnp.sum(e, axis=-1), x_label, d, h), e
+
+
+def _finite(z: jax.Array) -> jax.Array:
+  """``z`` clamped to the finite floats: ``e^z·z`` is then 0, not NaN, at
+  ``z = −inf`` (no mass)."""
+  return jnp.maximum(z, -float(jnp.finfo(z.dtype).max))
 
 
 def block_sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
-               label: jax.Array | None) -> Sums:
-  """The block's :class:`Sums` relative to ``shift`` (``[...]``)."""
-  return block_sums_and_exp(lmap, block, shift, label)[0]
+               label: jax.Array | None, entropy: bool = False) -> Sums:
+  """The block's :class:`Sums` relative to ``shift`` (``[...]``); with
+  ``entropy``, also ``Σ e^z·(−z)``."""
+  return block_sums_and_exp(lmap, block, shift, label, entropy)[0]
+
+
+# The argmax sentinel: no class of the block reaches the shift.
+NO_CLASS = 2**31 - 1
+
+
+def block_argmax(lmap: LogitMap | None, block: Block,
+                 shift: jax.Array) -> jax.Array:
+  """The global index of the block's first class whose ``x̃`` equals
+  ``shift`` (the row max, so the lowest-index argmax, as ``jnp.argmax``),
+  or :data:`NO_CLASS`; int32, no gradient. One min-reduction, no variadic
+  reduce (slow on XLA CPU)."""
+  # x̃ compared with the shift, the map of the raw max: the same bits where
+  # x̃ is the max. Not x̃ − c == 0: XLA may contract x·r − c into a fused
+  # multiply-add, which does not round x·r.
+  x = masked(_fusion.mapped(lax.stop_gradient(_raw(block)), lmap,
+                            _fusion.SECOND), block.valid)
+  cols = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) + block.first
+  top = x == lax.stop_gradient(shift)[..., None]
+  return jnp.min(jnp.where(top, cols, NO_CLASS), axis=-1, initial=NO_CLASS)
 
 
 def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
@@ -224,7 +264,12 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
   """
   gap, slope = _fusion.gap_with_slope(_raw(block), shift[..., None],
                                         block.valid, lmap)
-  g = (jnp.exp(-gap) if exp is None else exp) * ct.exp[..., None]
+  e = jnp.exp(-gap) if exp is None else exp
+  g = e * ct.exp[..., None]
+  if ct.entropy is not None:
+    # ∂(e^z·(−z))/∂z = −e^z·(1 + z), with z = −gap clamped (0 at −inf).
+    g = g - (e * (1 - jnp.minimum(gap, float(jnp.finfo(gap.dtype).max)))
+             ) * ct.entropy[..., None]
   if block.dense is not None:
     g = g - ct.dense[..., None] * block.dense
   if label is not None:
@@ -251,27 +296,31 @@ class SumsResiduals(NamedTuple):
   exp: jax.Array  # the forward's e^z, which the gradient scales
 
 
-def _sums_fun(lmap, logits, valid, first, dense, label, keep, shift):
-  out = block_sums(lmap, Block(logits, valid, first, dense), shift, label)
+def _sums_fun(static, logits, valid, first, dense, label, keep, shift):
+  lmap, entropy = static
+  out = block_sums(lmap, Block(logits, valid, first, dense), shift, label,
+                   entropy)
   # Typed to vary like every input, so cotangents arrive per device
   # (see jsoft._collectives).
   return _collectives.varying_tree(out, logits, valid, dense, label, keep,
                                    shift)
 
 
-def _sums_fwd(lmap, logits, valid, first, dense, label, keep, shift):
+def _sums_fwd(static, logits, valid, first, dense, label, keep, shift):
+  lmap, entropy = static
   block = Block(logits, valid, first, dense)
   # The gradient scales the forward's e^z rather than recompute them: the
   # exp (and the cap's tanh), not memory, bounds these passes, and XLA
   # writes e into the buffer the gradient then takes (the logits', when
   # they die here).
-  out, e = block_sums_and_exp(lmap, block, shift, label)
+  out, e = block_sums_and_exp(lmap, block, shift, label, entropy)
   out = _collectives.varying_tree(out, logits, valid, dense, label, keep,
                                   shift)
   return out, SumsResiduals(block, label, keep, shift, e)
 
 
-def _sums_bwd(lmap, res: SumsResiduals, ct):
+def _sums_bwd(static, res: SumsResiduals, ct):
+  lmap, _ = static
   block = res.block
   g, g_dense = block_grad(lmap, block, res.shift, res.label, res.keep, ct,
                           res.exp)
@@ -286,12 +335,13 @@ _sums = _rules.vjp_rule(_sums_fun, _sums_fwd, _sums_bwd)
 
 
 def sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
-         label: jax.Array | None, keep: jax.Array | None) -> Sums:
+         label: jax.Array | None, keep: jax.Array | None,
+         entropy: bool = False) -> Sums:
   """:func:`block_sums`, differentiable in every mode through
   :func:`block_grad` (with respect to the logits and a per-example dense
   target)."""
-  return _sums(lmap, block.logits, block.valid, block.first, block.dense,
-               label, keep, lax.stop_gradient(shift))
+  return _sums((lmap, entropy), block.logits, block.valid, block.first,
+               block.dense, label, keep, lax.stop_gradient(shift))
 
 
 def rebase(s: Sums, shift: jax.Array, new_shift: jax.Array,
@@ -302,7 +352,13 @@ def rebase(s: Sums, shift: jax.Array, new_shift: jax.Array,
   dense = None
   if s.dense is not None:
     dense = s.dense + dense_mass * (new_shift - shift)
-  return Sums(s.exp * moved, s.label, dense)
+  entropy = None
+  if s.entropy is not None:
+    # Σ e^z'·(−z') with z' = z − δ, δ = new_shift − shift ≥ 0:
+    # e^−δ·(Σ e^z·(−z) + δ·s); 0 for a block with no mass.
+    entropy = jnp.where(s.exp == 0, 0,
+                        (s.entropy + (new_shift - shift) * s.exp) * moved)
+  return Sums(s.exp * moved, s.label, dense, entropy)
 
 
 def add(a: Sums, b: Sums) -> Sums:

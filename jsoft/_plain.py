@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _collectives, _loss_rule, _rules
+from jsoft import _collectives, _loss_rule, _rules, _stats
 from jsoft._loss_rule import Block, Target
 from jsoft._options import Options
 
@@ -51,6 +51,27 @@ def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
   sums = _loss_rule.sums(opts.lmap, block, shift, target.label, target.keep)
   return _loss_rule.row_loss(target, shift, _collectives.psum(sums, ax),
                              opts.z_loss)
+
+
+def loss_and_stats(opts: Options, logits: jax.Array, valid: jax.Array | None,
+                   target: Target, dense: Any
+                   ) -> tuple[jax.Array, _stats.TokenStats]:
+  """:func:`loss` and the per-example :class:`jsoft.TokenStats` (integer
+  labels), from one pass of the rule's sums with the entropy sum, and the
+  argmax. Differentiable in every mode through the sums' rule, with or
+  without ``axis_name``."""
+  ax = opts.axis_name
+  block = Block(logits, valid, _collectives.first_class(ax, logits.shape[-1]),
+                dense)
+  shift = _collectives.pmax(
+      _loss_rule.block_max(block, opts.lmap, target.label), ax)
+  sums = _collectives.psum(
+      _loss_rule.sums(opts.lmap, block, shift, target.label, target.keep,
+                      entropy=True), ax)
+  argmax = _collectives.pmin(
+      _loss_rule.block_argmax(opts.lmap, block, shift), ax)
+  loss = _loss_rule.row_loss(target, shift, sums, opts.z_loss)
+  return loss, _stats.from_sums(target, shift, sums, argmax)
 
 
 class RowResiduals(NamedTuple):

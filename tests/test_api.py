@@ -24,13 +24,15 @@ PEERS = {
 
 
 # jsoft's own additions: no peer to match.
-NEW = ("checked", "linear_cross_entropy")
+NEW = ("checked", "linear_cross_entropy", "TokenStats")
 
 
 def test_exports():
   assert sorted(jsoft.__all__) == sorted([*PEERS, *NEW])
   for name in jsoft.__all__:
     assert callable(getattr(jsoft, name))
+  assert jsoft.TokenStats._fields == ("logprob", "logsumexp", "entropy",
+                                      "correct")
 
 
 @pytest.mark.parametrize("name", sorted(PEERS))

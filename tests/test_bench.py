@@ -120,3 +120,9 @@ def test_options_table(tmp_path, capsys):
   assert all(r["temp_bytes"] < 4 * 1024 * 1000 / 8
              for r in result["results"].values())
   assert json.loads((tmp_path / "o.json").read_text())["options"]["n"] == 1024
+  head = result["head"]["results"]
+  assert set(head) == set(options._head_features(None, None))
+  assert "stats, unused" in out and "75% ignored" in out
+  # Statistics left unused and ignored tokens add no memory to the head.
+  for name in ("stats, unused", "75% ignored"):
+    assert head[name]["temp_bytes"] <= 1.1 * head["plain"]["temp_bytes"]
