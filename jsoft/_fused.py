@@ -271,3 +271,55 @@ def head_sums(loop: Loop, h: jax.Array, w: jax.Array, b: jax.Array | None,
     argmax = lax.stop_gradient(argmax).astype(jnp.int32)
     argmax = jnp.where(argmax < 0, _loss_rule.NO_CLASS, argmax)
   return shift, sums, argmax
+
+
+# Ignored tokens (padding, prompts: often most of a batch) are moved behind
+# the kept ones, and the loop runs over the first N, N/2, N/4 or N/8 tokens:
+# the smallest that holds every kept one, chosen at run time among static
+# shapes (lax.switch). Below this many tokens the loop runs on all of them.
+COMPACT_MIN_TOKENS = 1024
+BUCKETS = 4
+
+
+def compacted_head_sums(loop: Loop, h: jax.Array, w: jax.Array,
+                        b: jax.Array | None, label: jax.Array,
+                        keep: jax.Array, dense: Any
+                        ) -> tuple[jax.Array, Sums, jax.Array | None]:
+  """:func:`head_sums` that spends no tile on tokens outside ``keep``
+  when a quarter or more of them are out: the kept tokens are gathered
+  first (a stable sort), the loop runs over the smallest bucket of
+  ``N/2^k`` tokens that holds them, and the results are put back in place
+  (the others get no mass: a zero loss and zero gradient after
+  :func:`jsoft._loss_rule.finish`). Differentiable in every mode (the
+  gather, ``lax.switch`` and the head's rule are)."""
+  n = h.shape[0]
+  sizes = sorted({max(1, -(-n // 2**k)) for k in range(BUCKETS)},
+                 reverse=True)
+  order = jnp.argsort(~keep, stable=True)  # kept tokens first
+  back = jnp.argsort(order)
+  kept = jnp.sum(keep.astype(jnp.int32))
+  # The smallest bucket that holds every kept token.
+  which = jnp.sum(jnp.asarray(sizes) >= kept) - 1
+  h_k, label_k, keep_k = h[order], label[order], keep[order]
+
+  def bucket(size):
+    sub = loop._replace(chunk=min(loop.chunk, size)) if loop.by_tokens \
+        else loop
+
+    def run(h_k, w, b):
+      shift, sums, argmax = head_sums(sub, h_k[:size], w, b, label_k[:size],
+                                      keep_k[:size], dense)
+      pad = n - size
+      if not pad:
+        return shift, sums, argmax
+      floor = -float(jnp.finfo(shift.dtype).max)
+      grow = lambda x, v: jnp.concatenate(  # noqa: E731
+          [x, jnp.full((pad,), v, x.dtype)])
+      sums = jax.tree.map(lambda x: grow(x, 0), sums)
+      return (grow(shift, floor), sums,
+              None if argmax is None else grow(argmax, _loss_rule.NO_CLASS))
+
+    return run
+
+  out = lax.switch(which, [bucket(s) for s in sizes], h_k, w, b)
+  return jax.tree.map(lambda x: x[back], out)

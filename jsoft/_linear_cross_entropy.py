@@ -65,8 +65,10 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights, stats=False):
   chunk = min(chunk_size or default_chunk(length, other), length)
   loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name,
                      stats)
-  shift, sums, argmax = _fused.head_sums(loop, h, w, b, target.label,
-                                         target.keep, dense)
+  head = _fused.head_sums
+  if target.keep is not None and n >= _fused.COMPACT_MIN_TOKENS:
+    head = _fused.compacted_head_sums
+  shift, sums, argmax = head(loop, h, w, b, target.label, target.keep, dense)
   ax = opts.axis_name
   if ax is not None:
     # Each device's sums, moved to the global max, then added: one max
@@ -192,15 +194,16 @@ def linear_cross_entropy(
   HVPs), as for the unfused loss.
 
   Peak memory beyond inputs and outputs, in bytes, for ``N`` tokens, ``D``
-  features, ``V`` classes and tiles of ``c``: at most ``8·c·V`` (a float32
-  tile of logits and its gradient) plus ``4·D·V`` (the float32 ``dW``
-  being accumulated) plus ``4·N·D`` (``dh``, gathered from the tiles)
-  when looping over tokens; ``8·N·c`` plus ``4·N·D`` (the float32 ``dh``)
-  plus ``4·D·V`` (the float32 ``dW`` being filled) when looping over
-  classes; plus ``16·N`` (numbers per token) either way
-  (``tests/test_memory.py`` holds it to that). The unfused loss needs at
-  least ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile
-  is 1/64 of the full logits, clamped to 1–8 MiB (a multiple of 8 rows).
+  features, ``V`` classes and tiles of ``c``: at most ``8·c·V`` (a float32 tile
+  of logits and its gradient) plus ``4·D·V`` (the float32 ``dW`` being
+  accumulated) plus ``4·N·D`` (``dh``, gathered from the tiles) when looping
+  over tokens; ``8·N·c`` plus ``4·N·D`` (the float32 ``dh``) plus ``4·D·V``
+  (the float32 ``dW`` being filled) when looping over classes; plus ``16·N``
+  (numbers per token) either way; plus ``8·N·D`` when, from 1024 tokens on,
+  ignored tokens are gathered out so that no tile is spent on them
+  (``tests/test_memory.py`` holds it to that). The unfused loss needs at least
+  ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/64
+  of the full logits, clamped to 1–8 MiB (a multiple of 8 rows).
 
   Args:
     hidden: ``[..., D]`` floating features.

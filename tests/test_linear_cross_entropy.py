@@ -9,6 +9,7 @@ that do not divide the axis, every option, and every autodiff mode.
 """
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -243,3 +244,79 @@ def test_where_is_ignore_index_per_token():
   assert np.isfinite(g).all()
   with pytest.raises(ValueError, match="where"):
     lce(h, w, y, where=np.ones(8, bool))
+
+
+# From 1024 tokens on, ignored tokens are gathered out of the loop: each
+# bucket (all, 1/2, 1/4, 1/8 of the tokens) against the unfused loss.
+COMPACT = {"tokens": (1024, 2, 6, 100), "classes": (1024, 2, 1500, 400)}
+
+
+@pytest.mark.parametrize("loop", COMPACT)
+@pytest.mark.parametrize("kept", [1.0, 0.6, 0.3, 0.1, 0.0])
+def test_ignored_tokens_gathered_out_equal_the_unfused_loss(loop, kept):
+  n, d, v, chunk = COMPACT[loop]
+  r = np.random.default_rng(int(kept * 10))
+  h, w = r.normal(size=(n, d)), r.normal(size=(d, v))
+  y = r.integers(0, v, size=n)
+  y[r.permutation(n)[:int(round((1 - kept) * n))]] = IGNORE
+  h[y == IGNORE] = np.nan  # ignored features never reach a gradient
+  kw = dict(ignore_index=IGNORE, label_smoothing=0.1, return_stats=True,
+            reduction="mean")
+
+  def total(f):
+    def run(h, w):
+      loss, st = f(h, w)
+      return loss + jnp.mean(st.entropy) + jnp.mean(st.logprob)
+    return run
+
+  fused = lambda h, w: lce(h, w, y, chunk_size=chunk, **kw)  # noqa: E731
+  safe = np.where(np.isnan(h), 0, h)
+  unfused = lambda h, w: int_ce(  # noqa: E731
+      jnp.where(jnp.asarray(y == IGNORE)[:, None], 0, h) @ w, y, **kw)
+  got, want = fused(h, w), unfused(safe, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float),
+                               rtol=1e-12, atol=1e-14)
+  grads = jax.grad(total(fused), (0, 1))(h, w)
+  for a, b in zip(grads, jax.grad(total(unfused), (0, 1))(safe, w),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+  assert np.isfinite(grads[0]).all()
+
+
+def test_gathered_out_tokens_in_forward_mode_and_hvp():
+  n, d, v, chunk = COMPACT["tokens"]
+  r = np.random.default_rng(2)
+  h, w = r.normal(size=(n, d)), r.normal(size=(d, v))
+  y = np.where(r.random(n) < 0.8, IGNORE, r.integers(0, v, size=n))
+  kw = dict(ignore_index=IGNORE, reduction="sum")
+  fused = lambda w: lce(h, w, y, chunk_size=chunk, **kw)  # noqa: E731
+  unfused = lambda w: int_ce(h @ w, y, **kw)  # noqa: E731
+  t = r.normal(size=w.shape)
+  np.testing.assert_allclose(jax.jvp(fused, (w,), (t,))[1],
+                             jax.jvp(unfused, (w,), (t,))[1], rtol=1e-11)
+  np.testing.assert_allclose(
+      jax.jvp(jax.grad(fused), (w,), (t,))[1],
+      jax.jvp(jax.grad(unfused), (w,), (t,))[1], rtol=1e-10, atol=1e-12)
+
+
+def test_ignored_tokens_pick_a_smaller_loop_at_run_time():
+  # The structure that makes ignored tokens free: one lax.switch over the
+  # loops of 1024, 512, 256 and 128 tokens; none without ignored tokens.
+  h, w = jnp.zeros((1024, 2)), jnp.zeros((2, 6))
+  y = jnp.zeros((1024,), jnp.int32)
+
+  def branches(**kw):
+    jaxpr = jax.make_jaxpr(lambda h, w: lce(h, w, y, **kw))(h, w)
+    return [len(e.params["branches"]) for e in _eqns(jaxpr.jaxpr)
+            if e.primitive.name == "cond"]
+
+  assert branches(ignore_index=IGNORE) == [4]
+  assert branches() == []
+
+
+def _eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
