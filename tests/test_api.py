@@ -88,3 +88,15 @@ def test_same_answers_as_the_peer_on_ordinary_inputs(name):
   np.testing.assert_allclose(getattr(jsoft, name)(*args),
                              PEERS[name](*map(jnp.asarray, args)),
                              rtol=1e-14)
+
+
+def test_the_wheel_holds_jsoft_only():
+  # A top-level "bench" in site-packages could shadow, or be shadowed by,
+  # any other; the benchmark runs from a checkout.
+  import pathlib
+  import tomllib
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  config = tomllib.loads((root / "pyproject.toml").read_text())
+  assert config["tool"]["hatch"]["build"]["targets"]["wheel"][
+      "packages"] == ["jsoft"]
