@@ -172,12 +172,16 @@ class TestChecked:
 
     plain = _primitive_names(jax.make_jaxpr(step)(X, Y).jaxpr)
     assert "check" not in plain
-    with _checks._VALUE_CHECKS(True):
-      from jax.experimental import checkify
-      with_checks = _primitive_names(jax.make_jaxpr(
-          checkify.checkify(step))(X, Y).jaxpr)
-    # The value checks exist, and only `checked` turns them on.
-    assert with_checks - plain
+    # The same program traced inside `checked` (whatever ran before this
+    # test): the value checks exist, and only `checked` turns them on.
+    seen = {}
+
+    def probe(x, y):
+      seen["names"] = _primitive_names(jax.make_jaxpr(step)(x, y).jaxpr)
+      return step(x, y)
+
+    jsoft.checked(probe)(X, Y)
+    assert seen["names"] - plain
 
   def test_unchecked_hlo_is_unchanged_by_the_check_machinery(self):
     lowered = jax.jit(lambda x, y: int_ce(x, y)).lower(X, Y).as_text()
