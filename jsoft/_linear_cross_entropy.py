@@ -17,11 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jsoft import (
   _checks,
   _collectives,
   _fused,
+  _fused_scalar,
   _loss_rule,
   _options,
   _stats,
@@ -87,6 +89,33 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights, stats=False):
   return loss, target, _stats.from_sums(target, shift, sums, argmax)
 
 
+def _scalar_head_loss(opts, chunk_size, h, w, b, y, rows, weights, samples,
+                      reduction):
+  """The reduced loss of ``h @ w + b`` with its gradients formed in the
+  forward pass (:mod:`jsoft._fused_scalar`): tiles of tokens."""
+  n, vocab = h.shape[0], w.shape[1]
+  acc = _checks.compute_dtype(h.dtype)
+  target, scale = _targets.integer(opts, y, None, rows, weights, vocab, acc)
+  dense = _targets.smoothing(scale, weights, None)
+  if dense is not None:
+    dense = jnp.asarray(dense, acc)
+  chunk = min(chunk_size or default_chunk(n, vocab), n)
+  loop = _fused.Loop(opts.lmap, chunk, vocab, True, None)
+  coef = jnp.ones((n,), acc) if samples is None else samples.astype(acc)
+  if target.has_loss is not None:
+    coef = jnp.where(target.has_loss, coef, 0)
+  if reduction == "mean":
+    share = _targets.mean_share(target, weights is not None or
+                                rows is not None, samples)
+    if share is None:
+      coef = coef / max(n, 1)
+    else:
+      count = jnp.sum(share.astype(acc))
+      coef = coef / jnp.where(count == 0, 1, count)
+  return _fused_scalar.scalar_loss(loop, opts.z_loss, h, w, b, target, dense,
+                                   lax.stop_gradient(coef))
+
+
 @functools.partial(jax.jit, static_argnames=("opts", "chunk_size",
                                              "ignore_index", "reduction",
                                              "return_stats"))
@@ -137,6 +166,11 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
     # Ignored tokens take no part at all: zeroing their features keeps even
     # a NaN in them out of dW (0·NaN would be NaN).
     h = jnp.where(rows[:, None], h, 0)
+  if (reduction != "none" and not return_stats and opts.axis_name is None
+      and n >= weight.shape[1]
+      and not (rows is not None and n >= _fused.COMPACT_MIN_TOKENS)):
+    return _scalar_head_loss(opts, chunk_size, h, weight, bias, y, rows,
+                             weights, samples, reduction)
   loss, target, stats = _head_loss(opts, chunk_size, h, weight, bias, y,
                                    rows, weights, return_stats)
   loss = _targets.weighted(loss, target, samples)
@@ -199,7 +233,10 @@ def linear_cross_entropy(
   accumulated) plus ``4·N·D`` (``dh``, gathered from the tiles) when looping
   over tokens; ``8·N·c`` plus ``4·N·D`` (the float32 ``dh``) plus ``4·D·V``
   (the float32 ``dW`` being filled) when looping over classes; plus ``16·N``
-  (numbers per token) either way; plus ``8·N·D`` when, from 1024 tokens on,
+  (numbers per token) either way; ``16·c·V`` for the tiles instead of ``8·c·V``
+  when, reduced to a scalar and differentiated over tiles of tokens, the
+  gradients are formed in the forward pass (three matmuls per tile instead of
+  four: :mod:`jsoft._fused_scalar`); plus ``8·N·D`` when, from 1024 tokens on,
   ignored tokens are gathered out so that no tile is spent on them
   (``tests/test_memory.py`` holds it to that). The unfused loss needs at least
   ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/64

@@ -72,6 +72,19 @@ class Target(NamedTuple):
   invalid: jax.Array | None  # label out of range: NaN loss and gradient
   keep: jax.Array | None  # has a gradient (else an exact 0); None: all
 
+  def split(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The Python numbers (compile-time, for a rule's static argument) and
+    the arrays (its operands), each None where the other holds the field."""
+    numbers = tuple(None if isinstance(v, jax.Array) else v for v in self)
+    arrays = tuple(v if isinstance(v, jax.Array) else None for v in self)
+    return numbers, arrays
+
+  @staticmethod
+  def join(numbers, arrays) -> Target:
+    """The inverse of :meth:`split`."""
+    return Target(*(n if a is None else a
+                    for n, a in zip(numbers, arrays, strict=True)))
+
 
 class Block(NamedTuple):
   """A block of classes of every example: a row, a shard or a tile."""

@@ -84,16 +84,7 @@ class RowResiduals(NamedTuple):
   exp: jax.Array  # the forward's e^z, which the gradient scales
 
 
-def _split(target: Target) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-  """The target's Python numbers (compile-time) and its arrays."""
-  numbers = tuple(None if isinstance(v, jax.Array) else v for v in target)
-  arrays = tuple(v if isinstance(v, jax.Array) else None for v in target)
-  return numbers, arrays
-
-
-def _join(numbers, arrays) -> Target:
-  return Target(*(n if a is None else a
-                  for n, a in zip(numbers, arrays, strict=True)))
+_split, _join = Target.split, Target.join
 
 
 def _with_mass(target: Target, dense: Any) -> Target:

@@ -320,3 +320,47 @@ def _eqns(jaxpr):
     yield eqn
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       yield from _eqns(sub)
+
+
+def _dots(f, *args):
+  jaxpr = jax.make_jaxpr(f)(*args)
+  return sum(e.primitive.name == "dot_general" for e in _eqns(jaxpr.jaxpr))
+
+
+def test_reduced_loss_over_token_tiles_forms_gradients_in_the_forward_pass():
+  # Three matmuls per tile (logits, dh, dW), none recomputed in the
+  # backward pass; a call that is not differentiated does one.
+  n, d, v, chunk = SHAPES["tokens_padded"]
+  h, w, b, y = _problem(n, d, v, seed=6)
+  y = np.where(y == IGNORE, 0, y)
+
+  def loss(h, w):
+    return lce(h, w, y, chunk_size=chunk, reduction="mean")
+
+  assert _dots(jax.value_and_grad(loss, argnums=(0, 1)), h, w) == 3
+  assert _dots(loss, h, w) == 1
+  # Unreduced, the backward pass recomputes the logits: four.
+  assert _dots(jax.value_and_grad(
+      lambda h, w: lce(h, w, y, chunk_size=chunk).sum(), argnums=(0, 1)),
+      h, w) == 4
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_over_token_tiles_in_every_mode(reduction):
+  n, d, v, chunk = SHAPES["tokens_padded"]
+  h, w, b, y = _problem(n, d, v, seed=7)
+  kw = dict(ignore_index=IGNORE, logit_soft_cap=2.0, z_loss=1e-2,
+            temperature=0.9, sample_weights=rng.uniform(0.5, 2.0, size=n),
+            reduction=reduction)
+  fused = lambda h, w, b: lce(h, w, y, bias=b, chunk_size=chunk,  # noqa: E731
+                              **kw)
+  unfused = lambda h, w, b: int_ce(h @ w + b, y, **kw)  # noqa: E731
+  t = tuple(rng.normal(size=x.shape) for x in (h, w, b))
+  np.testing.assert_allclose(jax.jvp(fused, (h, w, b), t)[1],
+                             jax.jvp(unfused, (h, w, b), t)[1], rtol=1e-12)
+  hvp = jax.jvp(jax.grad(fused, (0, 1, 2)), (h, w, b), t)[1]
+  want = jax.jvp(jax.grad(unfused, (0, 1, 2)), (h, w, b), t)[1]
+  for a, c in zip(hvp, want, strict=True):
+    np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-12)
+  check_grads(lambda h, w: fused(h, w, b), (h, w), order=2,
+              modes=("fwd", "rev"))
