@@ -102,13 +102,8 @@ def _int_ce_jit(logits, labels, axis, where, class_weights, sample_weights,
     loss, stats = _plain.loss_and_stats(opts, x, entries, target, dense)
   else:
     loss = _plain.loss(opts, x, entries, target, dense)
-  loss = _targets.weighted(loss, target, samples)
-  share = None
-  if reduction == "mean":
-    share = _targets.mean_share(target, weights is not None
-                                or entries is not None or rows is not None,
-                                samples)
-  loss = reduce(loss, reduction, share)
+  loss = _targets.reduced(loss, target, reduction, weights is not None
+                          or entries is not None or rows is not None, samples)
   return loss if stats is None else (loss, stats)
 
 

@@ -285,18 +285,19 @@ def compacted_head_sums(loop: Loop, h: jax.Array, w: jax.Array,
                         b: jax.Array | None, label: jax.Array,
                         keep: jax.Array, dense: Any
                         ) -> tuple[jax.Array, Sums, jax.Array | None]:
-  """:func:`head_sums` that spends no tile on tokens outside ``keep``
-  when a quarter or more of them are out: the kept tokens are gathered
-  first (a stable sort), the loop runs over the smallest bucket of
-  ``N/2^k`` tokens that holds them, and the results are put back in place
-  (the others get no mass: a zero loss and zero gradient after
+  """:func:`head_sums` that spends (almost) no tile on tokens outside
+  ``keep``: the kept tokens are gathered first (a stable sort), the loop
+  runs over the smallest bucket of ``N/2^k`` tokens that holds them (all
+  ``N`` while more than half are kept), and the results are put back in
+  place (the others get no mass: a zero loss and zero gradient after
   :func:`jsoft._loss_rule.finish`). Differentiable in every mode (the
   gather, ``lax.switch`` and the head's rule are)."""
   n = h.shape[0]
   sizes = sorted({max(1, -(-n // 2**k)) for k in range(BUCKETS)},
                  reverse=True)
   order = jnp.argsort(~keep, stable=True)  # kept tokens first
-  back = jnp.argsort(order)
+  back = jnp.zeros_like(order).at[order].set(  # the inverse permutation
+      jnp.arange(n, dtype=order.dtype))
   kept = jnp.sum(keep.astype(jnp.int32))
   # The smallest bucket that holds every kept token.
   which = jnp.sum(jnp.asarray(sizes) >= kept) - 1

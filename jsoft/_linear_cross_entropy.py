@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jsoft import (
   _checks,
@@ -50,15 +49,19 @@ def default_chunk(length: int, other: int, budget: int | None = None) -> int:
   return max(1, min(chunk, length))
 
 
-def _head_loss(opts, chunk_size, h, w, b, y, rows, weights, stats=False):
-  """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``), its target,
-  and with ``stats`` its :class:`jsoft.TokenStats` (else None)."""
-  n, vocab = h.shape[0], w.shape[1]
-  acc = _checks.compute_dtype(h.dtype)
+def _target(opts, y, rows, weights, vocab, acc):
+  """The per-token :class:`~jsoft._loss_rule.Target` and the smoothing
+  target ``u`` (a number, a ``[V]`` vector, or None)."""
   target, scale = _targets.integer(opts, y, None, rows, weights, vocab, acc)
-  dense = _targets.smoothing(scale, weights, None)  # a number, or [V]
-  if dense is not None:
-    dense = jnp.asarray(dense, acc)
+  dense = _targets.smoothing(scale, weights, None)
+  return target, None if dense is None else jnp.asarray(dense, acc)
+
+
+def _head_loss(opts, chunk_size, h, w, b, target, dense, gathers_out,
+               stats=False):
+  """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``), and with
+  ``stats`` its :class:`jsoft.TokenStats` (else None)."""
+  n, vocab = h.shape[0], w.shape[1]
   by_tokens = n >= vocab
   # Tiles of tokens (the accumulator is dW, [D, V]) or of classes (dh,
   # [N, D]); the last tile overlaps the one before where the tile does not
@@ -67,9 +70,7 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights, stats=False):
   chunk = min(chunk_size or default_chunk(length, other), length)
   loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name,
                      stats)
-  head = _fused.head_sums
-  if target.keep is not None and n >= _fused.COMPACT_MIN_TOKENS:
-    head = _fused.compacted_head_sums
+  head = _fused.compacted_head_sums if gathers_out else _fused.head_sums
   shift, sums, argmax = head(loop, h, w, b, target.label, target.keep, dense)
   ax = opts.axis_name
   if ax is not None:
@@ -85,35 +86,18 @@ def _head_loss(opts, chunk_size, h, w, b, y, rows, weights, stats=False):
     shift = top
   loss = _loss_rule.row_loss(target, shift, sums, opts.z_loss)
   if not stats:
-    return loss, target, None
-  return loss, target, _stats.from_sums(target, shift, sums, argmax)
+    return loss, None
+  return loss, _stats.from_sums(target, shift, sums, argmax)
 
 
-def _scalar_head_loss(opts, chunk_size, h, w, b, y, rows, weights, samples,
-                      reduction):
-  """The reduced loss of ``h @ w + b`` with its gradients formed in the
+def _scalar_head_loss(opts, chunk_size, h, w, b, target, dense, coef):
+  """``Σ_n coef_n·L_n`` of ``h @ w + b`` with its gradients formed in the
   forward pass (:mod:`jsoft._fused_scalar`): tiles of tokens."""
   n, vocab = h.shape[0], w.shape[1]
-  acc = _checks.compute_dtype(h.dtype)
-  target, scale = _targets.integer(opts, y, None, rows, weights, vocab, acc)
-  dense = _targets.smoothing(scale, weights, None)
-  if dense is not None:
-    dense = jnp.asarray(dense, acc)
   chunk = min(chunk_size or default_chunk(n, vocab), n)
   loop = _fused.Loop(opts.lmap, chunk, vocab, True, None)
-  coef = jnp.ones((n,), acc) if samples is None else samples.astype(acc)
-  if target.has_loss is not None:
-    coef = jnp.where(target.has_loss, coef, 0)
-  if reduction == "mean":
-    share = _targets.mean_share(target, weights is not None or
-                                rows is not None, samples)
-    if share is None:
-      coef = coef / max(n, 1)
-    else:
-      count = jnp.sum(share.astype(acc))
-      coef = coef / jnp.where(count == 0, 1, count)
   return _fused_scalar.scalar_loss(loop, opts.z_loss, h, w, b, target, dense,
-                                   lax.stop_gradient(coef))
+                                   coef)
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "chunk_size",
@@ -166,20 +150,27 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
     # Ignored tokens take no part at all: zeroing their features keeps even
     # a NaN in them out of dW (0·NaN would be NaN).
     h = jnp.where(rows[:, None], h, 0)
+  acc = _checks.compute_dtype(dtype)
+  target, dense = _target(opts, y, rows, weights, vocab, acc)
+  # From 1024 tokens on, ignored tokens are gathered out of the tile loop.
+  gathers_out = rows is not None and n >= _fused.COMPACT_MIN_TOKENS
+
+  def reduced(loss):  # the per-token loss [N], weighted and reduced
+    return _targets.reduced(loss, target, reduction,
+                            weights is not None or rows is not None, samples)
+
   if (reduction != "none" and not return_stats and opts.axis_name is None
-      and n >= weight.shape[1]
-      and not (rows is not None and n >= _fused.COMPACT_MIN_TOKENS)):
-    return _scalar_head_loss(opts, chunk_size, h, weight, bias, y, rows,
-                             weights, samples, reduction)
-  loss, target, stats = _head_loss(opts, chunk_size, h, weight, bias, y,
-                                   rows, weights, return_stats)
-  loss = _targets.weighted(loss, target, samples)
-  share = None
-  if reduction == "mean":
-    share = _targets.mean_share(target, weights is not None or
-                                rows is not None, samples)
-    share = None if share is None else share.reshape(batch)
-  loss = _options.reduce(loss.reshape(batch), reduction, share)
+      and n >= vocab and not gathers_out):
+    # The reduction is linear in the per-token loss: its gradient is each
+    # token's coefficient.
+    coef = jax.grad(reduced)(jnp.zeros((n,), acc))
+    return _scalar_head_loss(opts, chunk_size, h, weight, bias, target,
+                             dense, coef)
+  loss, stats = _head_loss(opts, chunk_size, h, weight, bias, target, dense,
+                           gathers_out, return_stats)
+  loss = reduced(loss)
+  if reduction == "none":
+    loss = loss.reshape(batch)
   if stats is None:
     return loss
   return loss, jax.tree.map(lambda v: v.reshape(batch), stats)

@@ -169,7 +169,7 @@ def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
   and its huge partials would swamp the others in reverse mode.
   """
   info = jnp.finfo(z.dtype)
-  zc = jnp.maximum(z, -float(info.max))
+  zc = _finite(z)
   scale = 2.0 ** (info.maxexp - 1)
   if jnp.ndim(u) == 0:
     # One target for every class: factored out, the sum reads only z.
@@ -281,8 +281,7 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
   g = e * ct.exp[..., None]
   if ct.entropy is not None:
     # ∂(e^z·(−z))/∂z = −e^z·(1 + z), with z = −gap clamped (0 at −inf).
-    g = g - (e * (1 - jnp.minimum(gap, float(jnp.finfo(gap.dtype).max)))
-             ) * ct.entropy[..., None]
+    g = g - (e * (1 + _finite(-gap))) * ct.entropy[..., None]
   if block.dense is not None:
     g = g - ct.dense[..., None] * block.dense
   if label is not None:

@@ -39,18 +39,11 @@ def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
     target: the per-example target (:mod:`jsoft._targets`).
     dense: the dense target ``u`` on the row, or None.
   """
-  ax = opts.axis_name
-  if ax is None:
-    numbers, arrays = _split(target)
+  if opts.axis_name is None:
+    numbers, arrays = target.split()
     return _row((opts.lmap, opts.z_loss, numbers), logits, valid, dense,
                 *arrays)
-  block = Block(logits, valid, _collectives.first_class(ax, logits.shape[-1]),
-                dense)
-  shift = _collectives.pmax(
-      _loss_rule.block_max(block, opts.lmap, target.label), ax)
-  sums = _loss_rule.sums(opts.lmap, block, shift, target.label, target.keep)
-  return _loss_rule.row_loss(target, shift, _collectives.psum(sums, ax),
-                             opts.z_loss)
+  return _by_sums(opts, logits, valid, target, dense, stats=False)[0]
 
 
 def loss_and_stats(opts: Options, logits: jax.Array, valid: jax.Array | None,
@@ -60,6 +53,12 @@ def loss_and_stats(opts: Options, logits: jax.Array, valid: jax.Array | None,
   labels), from one pass of the rule's sums with the entropy sum, and the
   argmax. Differentiable in every mode through the sums' rule, with or
   without ``axis_name``."""
+  return _by_sums(opts, logits, valid, target, dense, stats=True)
+
+
+def _by_sums(opts, logits, valid, target, dense, stats):
+  """The loss (and with ``stats`` the statistics, else None) through the
+  sums' own VJP rule, the collectives around it plain JAX."""
   ax = opts.axis_name
   block = Block(logits, valid, _collectives.first_class(ax, logits.shape[-1]),
                 dense)
@@ -67,10 +66,12 @@ def loss_and_stats(opts: Options, logits: jax.Array, valid: jax.Array | None,
       _loss_rule.block_max(block, opts.lmap, target.label), ax)
   sums = _collectives.psum(
       _loss_rule.sums(opts.lmap, block, shift, target.label, target.keep,
-                      entropy=True), ax)
+                      entropy=stats), ax)
+  loss = _loss_rule.row_loss(target, shift, sums, opts.z_loss)
+  if not stats:
+    return loss, None
   argmax = _collectives.pmin(
       _loss_rule.block_argmax(opts.lmap, block, shift), ax)
-  loss = _loss_rule.row_loss(target, shift, sums, opts.z_loss)
   return loss, _stats.from_sums(target, shift, sums, argmax)
 
 
@@ -78,13 +79,10 @@ class RowResiduals(NamedTuple):
   logits: jax.Array
   valid: jax.Array | None
   dense: Any
-  arrays: tuple[Any, ...]  # the target's arrays (see _split)
+  arrays: tuple[Any, ...]  # the target's arrays (see Target.split)
   shift: jax.Array
   sums: _loss_rule.Sums
   exp: jax.Array  # the forward's e^z, which the gradient scales
-
-
-_split, _join = Target.split, Target.join
 
 
 def _with_mass(target: Target, dense: Any) -> Target:
@@ -105,7 +103,7 @@ def _forward(lmap, z_loss, block, target):
 
 def _row_fun(static, logits, valid, dense, *arrays):
   lmap, z_loss, numbers = static
-  block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
+  block, target = Block(logits, valid, 0, dense), Target.join(numbers, arrays)
 
   def by_sums():
     return _forward(lmap, z_loss, block, target)[0]
@@ -121,7 +119,7 @@ def _row_fun(static, logits, valid, dense, *arrays):
 
 def _row_fwd(static, logits, valid, dense, *arrays):
   lmap, z_loss, numbers = static
-  block, target = Block(logits, valid, 0, dense), _join(numbers, arrays)
+  block, target = Block(logits, valid, 0, dense), Target.join(numbers, arrays)
   out, shift, sums, e = _forward(lmap, z_loss, block, target)
   # The gradient scales the forward's e^z (see _loss_rule._sums_fwd).
   return out, RowResiduals(logits, valid, dense, arrays, shift, sums, e)
@@ -132,7 +130,7 @@ def _row_bwd(static, res: RowResiduals, ct):
   logits, dense, shift, sums, arrays = (res.logits, res.dense, res.shift,
                                         res.sums, res.arrays)
   block = Block(logits, res.valid, 0, dense)
-  target = _join(numbers, arrays)
+  target = Target.join(numbers, arrays)
 
   # The per-example cotangents of the sums and of the target's mass U (or,
   # where the driver sums U, of u through it), then the y − t tile.

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jsoft import _collectives
 from jsoft._loss_rule import Target
-from jsoft._options import Options
+from jsoft._options import Options, reduce
 
 
 def live(entries: jax.Array | None,
@@ -173,3 +173,13 @@ def weighted(loss: jax.Array, target: Target,
   if target.has_loss is not None:
     s = jnp.where(target.has_loss, s, 0)
   return loss * s
+
+
+def reduced(loss: jax.Array, target: Target, reduction: str, masked: bool,
+            sample_weights: jax.Array | None) -> jax.Array:
+  """The per-example loss weighted by the sample weights and reduced:
+  "mean" divides by :func:`mean_share`'s total. Linear in ``loss``."""
+  share = None
+  if reduction == "mean":
+    share = mean_share(target, masked, sample_weights)
+  return reduce(weighted(loss, target, sample_weights), reduction, share)
