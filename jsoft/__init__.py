@@ -15,8 +15,16 @@ from jsoft._cross_entropy import (
 from jsoft._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
+from jsoft._distillation import distillation_loss as distillation_loss
+from jsoft._distillation import kl_divergence as kl_divergence
+from jsoft._distillation import (
+    kl_divergence_with_log_targets as kl_divergence_with_log_targets,
+)
 from jsoft._linear_cross_entropy import (
     linear_cross_entropy as linear_cross_entropy,
+)
+from jsoft._linear_distillation import (
+    linear_distillation_loss as linear_distillation_loss,
 )
 from jsoft._sigmoid import log_sigmoid as log_sigmoid
 from jsoft._sigmoid import sigmoid as sigmoid
@@ -30,7 +38,11 @@ __version__ = "0.1.0"
 __all__ = [
     "TokenStats",
     "checked",
+    "distillation_loss",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
