@@ -147,3 +147,84 @@ def _reduce(loss, reduction):
   if reduction == "mean":
     return jnp.mean(loss)
   return loss
+
+
+def np_distill(s, t, divergence="forward_kl", beta=0.5, temperature=1.0,
+               where=None):
+  """The divergence per row in float64 NumPy, from the definitions, with
+  ``0·log 0 = 0``: ``where=False`` entries and ``-inf`` logits have no mass;
+  a row with no mass in a distribution has ``p = 0`` there."""
+  s, t = f64(s) / temperature, f64(t) / temperature
+  if where is not None:
+    s, t = np.where(where, s, -np.inf), np.where(where, t, -np.inf)
+
+  def log_probs(x):
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    total = np.sum(np.exp(x - m), axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+      return x - m - np.log(np.where(total > 0, total, 1)), total > 0
+
+  (ls, has_s), (lt, has_t) = log_probs(s), log_probs(t)
+  ps = np.where(has_s, np.exp(ls), 0)
+  pt = np.where(has_t, np.exp(lt), 0)
+
+  def kl(p, log_p, log_q):  # Σ p (log p − log q), 0·log 0 = 0
+    with np.errstate(invalid="ignore"):
+      return np.sum(np.where(p > 0, p * (log_p - log_q), 0), axis=-1)
+
+  if divergence == "forward_kl":
+    return kl(pt, lt, ls)
+  if divergence == "reverse_kl":
+    return kl(ps, ls, lt)
+  m = beta * pt + (1 - beta) * ps
+  with np.errstate(divide="ignore"):
+    lm = np.log(m)
+  return beta * kl(pt, lt, lm) + (1 - beta) * kl(ps, ls, lm)
+
+
+def jax_distill(s, t, *, divergence="forward_kl", beta=0.5, temperature=1.0,
+                reduction="none"):
+  """The divergence between ``softmax(t/T)`` and ``softmax(s/T)`` per row,
+  the textbook formula for finite logits (the teacher a constant)."""
+  import jax
+  import jax.numpy as jnp
+
+  ls = jax.nn.log_softmax(s / temperature)
+  lt = jax.nn.log_softmax(jax.lax.stop_gradient(t) / temperature)
+  ps, pt = jnp.exp(ls), jnp.exp(lt)
+  if divergence == "forward_kl":
+    d = jnp.sum(pt * (lt - ls), axis=-1)
+  elif divergence == "reverse_kl":
+    d = jnp.sum(ps * (ls - lt), axis=-1)
+  else:
+    lm = jnp.log(beta * pt + (1 - beta) * ps)
+    d = jnp.sum(beta * pt * (lt - lm) + (1 - beta) * ps * (ls - lm), axis=-1)
+  return _reduce(d, reduction)
+
+
+def jax_linear_distill(hs, ws, ht, wt, bs=None, bt=None, labels=None, *,
+                       ignore_index=None, hard_weight=0.0,
+                       divergence="forward_kl", beta=0.5, temperature=1.0,
+                       reduction="none"):
+  """``α·CE(s, y) + (1 − α)·D`` per token of the two heads' logits, 0 for
+  ignored tokens; "mean" over the kept ones."""
+  import jax.numpy as jnp
+
+  s = hs @ ws + (0 if bs is None else bs)
+  t = ht @ wt + (0 if bt is None else bt)
+  loss = (1 - hard_weight) * jax_distill(
+      s, t, divergence=divergence, beta=beta, temperature=temperature)
+  kept = jnp.ones(s.shape[:-1], bool)
+  if labels is not None:
+    if ignore_index is not None:
+      kept = labels != ignore_index
+    if hard_weight:
+      ce = jax_ce_int(s, jnp.where(kept, labels, 0))
+      loss = loss + hard_weight * ce
+  loss = jnp.where(kept, loss, 0)
+  if reduction == "sum":
+    return jnp.sum(loss)
+  if reduction == "mean":
+    return jnp.sum(loss) / jnp.sum(kept).astype(loss.dtype)
+  return loss
