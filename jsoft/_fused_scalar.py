@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _fused, _loss_rule, _rules
+from jsoft import _checks, _collectives, _fused, _loss_rule, _rules
 from jsoft._loss_rule import Block, Target
 
 
@@ -68,7 +68,7 @@ def _loss_fwd(static, h, w, b, coef, dense, *target_arrays):
     m = _loss_rule.block_max(block, loop.lmap)
     sums, e = _loss_rule.block_sums_and_exp(loop.lmap, block, m, t.label)
     loss, pull = jax.vjp(lambda s: _loss_rule.row_loss(t, m, s, z_loss), sums)
-    (ct_sums,) = pull(k.astype(loss.dtype))
+    (ct_sums,) = pull(_collectives.varying_like(k.astype(loss.dtype), loss))
     g, _ = _loss_rule.block_grad(loop.lmap, block, m, t.label, t.keep,
                                  ct_sums, e)
     g_in = g.astype(h.dtype)
@@ -79,24 +79,34 @@ def _loss_fwd(static, h, w, b, coef, dense, *target_arrays):
     total = total + jnp.sum(k * loss)
     return (total, dw, db), dh_t
 
-  init = (jnp.zeros((), acc), jnp.zeros(w.shape, acc),
-          None if b is None else jnp.zeros(b.shape, acc))
+  # Typed to vary like every input inside shard_map (a scan carry keeps
+  # one type; see jsoft._collectives).
+  refs = (h, w, b, coef, dense, *target_arrays)
+  init = _collectives.varying_tree(
+      (jnp.zeros((), acc), jnp.zeros(w.shape, acc),
+       None if b is None else jnp.zeros(b.shape, acc)), *refs)
   (total, dw, db), dh = lax.scan(tile, init,
                                  jnp.arange(count, dtype=jnp.int32))
   dh = _fused._untile(dh, n, c)
-  grads = Grads(dh.astype(h.dtype), dw.astype(w.dtype),
-                None if b is None else db.astype(b.dtype))
-  return total, grads
+  # Per device, float32: the backward pass scales them by each device's
+  # cotangent, then sums each over the mesh axes its input is replicated on.
+  return total, (Grads(dh, dw, db), Grads(h, w, b))
 
 
-def _loss_bwd(static, res: Grads, ct):
+def _loss_bwd(static, res, ct):
   _, _, numbers = static
+  grads, primals = res
 
-  def scaled(g):
-    return None if g is None else ct.astype(g.dtype) * g
+  def scaled(g, primal):
+    if g is None:
+      return None
+    g = _collectives.summed_like(ct.astype(g.dtype) * g, primal)
+    return g.astype(primal.dtype)
 
-  return (scaled(res.hidden), scaled(res.weight), scaled(res.bias), None,
-          None, *([None] * len(numbers)))
+  return (scaled(grads.hidden, primals.hidden),
+          scaled(grads.weight, primals.weight),
+          scaled(grads.bias, primals.bias), None, None,
+          *([None] * len(numbers)))
 
 
 _loss = _rules.vjp_rule(_loss_fun, _loss_fwd, _loss_bwd)
