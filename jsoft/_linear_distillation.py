@@ -179,14 +179,25 @@ def _fold(x: Inputs, g, start, chunk, dw, db):
   return dh_t, dw, db
 
 
-def _grad_init(x: Inputs, acc):
-  return (jnp.zeros(x.ws.shape, acc),
-          None if x.bs is None else jnp.zeros(x.bs.shape, acc))
+def _zeros(shape, acc, *like):
+  """A zero accumulator typed to vary like ``like`` inside ``shard_map``
+  (a scan carry keeps one type; see :mod:`jsoft._collectives`)."""
+  return _collectives.varying_like(jnp.zeros(shape, acc), *like)
+
+
+def _grad_init(x: Inputs, acc, *like):
+  return (_zeros(x.ws.shape, acc, *x, *like),
+          None if x.bs is None else _zeros(x.bs.shape, acc, *x, *like))
 
 
 def _cast(x: Inputs, dh, dw, db) -> Grads:
-  return Grads(dh.astype(x.hs.dtype), dw.astype(x.ws.dtype),
-               None if db is None else db.astype(x.bs.dtype))
+  """The gradients in the inputs' dtypes, each summed over the mesh axes
+  its input is replicated on."""
+  def back(g, primal):
+    return _collectives.summed_like(g, primal).astype(primal.dtype)
+
+  return Grads(back(dh, x.hs), back(dw, x.ws),
+               None if db is None else back(db, x.bs))
 
 
 def _no_teacher(grads: Grads) -> tuple[Any, ...]:
@@ -211,18 +222,26 @@ def _scalar_fwd(head: Head, coef, *inputs):
     dh_t, dw, db = _fold(x, g, start, head.chunk, dw, db)
     return (total + jnp.sum(k * loss), dw, db), dh_t
 
-  (total, dw, db), dh = _tiles(head, x, body,
-                               (jnp.zeros((), acc), *_grad_init(x, acc)))
-  return total, _cast(x, dh, dw, db)
+  init = (_zeros((), acc, *x, coef), *_grad_init(x, acc, coef))
+  (total, dw, db), dh = _tiles(head, x, body, init)
+  # The folded gradients stay per device: the backward pass scales them by
+  # each device's cotangent, then sums them (_cast).
+  return total, ScalarResiduals(x, Grads(dh, dw, db))
 
 
-def _scalar_bwd(head, grads: Grads, ct):
+class ScalarResiduals(NamedTuple):
+  inputs: Inputs
+  grads: Grads  # for a unit cotangent, float32, per device
+
+
+def _scalar_bwd(head, res: ScalarResiduals, ct):
   del head
 
   def scaled(g):
     return None if g is None else ct.astype(g.dtype) * g
 
-  return (None, *_no_teacher(Grads(*map(scaled, grads))))
+  return (None, *_no_teacher(_cast(res.inputs,
+                                   *map(scaled, res.grads))))
 
 
 def _scalar_fun(head, coef, *inputs):
@@ -250,6 +269,8 @@ def _token_fwd(head: Head, *inputs):
     return None, _tile_loss(head, s, t, label, keep, invalid)
 
   _, (loss, stats) = _tiles(head, x, body, None)
+  # Typed to vary like every input, so cotangents arrive per device.
+  loss = _collectives.varying_like(loss, *x)
   return loss, TokenResiduals(x, stats)
 
 
@@ -266,7 +287,7 @@ def _token_bwd(head: Head, res: TokenResiduals, ct):
     dh_t, dw, db = _fold(x, g, start, head.chunk, dw, db)
     return (dw, db), dh_t
 
-  (dw, db), dh = _tiles(head, x, body, _grad_init(x, acc), remat=True)
+  (dw, db), dh = _tiles(head, x, body, _grad_init(x, acc, ct), remat=True)
   return _no_teacher(_cast(x, dh, dw, db))
 
 

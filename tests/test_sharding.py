@@ -26,6 +26,8 @@ int_ce = jsoft.softmax_cross_entropy_with_integer_labels
 prob_ce = jsoft.softmax_cross_entropy
 bce = jsoft.sigmoid_binary_cross_entropy
 lce = jsoft.linear_cross_entropy
+distill = jsoft.distillation_loss
+ld = jsoft.linear_distillation_loss
 IGNORE = -100
 
 pytestmark = pytest.mark.skipif(
@@ -46,7 +48,8 @@ def _close(a, b):
 #
 # Arguments by role: x logits [rows, C]; t dense labels [rows, C] (the
 # probability CE's targets, BCE's labels); y integer labels [rows]; h hidden
-# [rows, D]; w head weight [D, C]; b bias [C]; cw class weights [C].
+# [rows, D]; w head weight [D, C]; b bias [C]; cw class weights [C]; s
+# teacher logits [rows, C]; g, u, c the teacher's hidden, weight and bias.
 
 
 class Placement(NamedTuple):
@@ -60,21 +63,26 @@ PLACEMENTS = {
     # Classes split over tp, replicated over dp.
     "classes": Placement("tp", None, dict(
         x=P(None, "tp"), t=P(None, "tp"), y=P(), h=P(), w=P(None, "tp"),
-        b=P("tp"), cw=P("tp"))),
+        b=P("tp"), cw=P("tp"), s=P(None, "tp"), g=P(), u=P(None, "tp"),
+        c=P("tp"))),
     # Rows over dp, classes over tp.
     "dp_tp": Placement("tp", "batch", dict(
         x=P("dp", "tp"), t=P("dp", "tp"), y=P("dp"), h=P("dp"),
-        w=P(None, "tp"), b=P("tp"), cw=P("tp"))),
+        w=P(None, "tp"), b=P("tp"), cw=P("tp"), s=P("dp", "tp"), g=P("dp"),
+        u=P(None, "tp"), c=P("tp"))),
     # Rows over dp; the head weight replicated.
     "batch": Placement(None, "batch", dict(
-        x=P("dp"), t=P("dp"), y=P("dp"), h=P("dp"), w=P(), b=P(), cw=P())),
+        x=P("dp"), t=P("dp"), y=P("dp"), h=P("dp"), w=P(), b=P(), cw=P(),
+        s=P("dp"), g=P("dp"), u=P(), c=P())),
     # Every input replicated, the labels split over dp.
     "replicated": Placement(None, "labels", dict(
-        x=P(), t=P("dp"), y=P("dp"), h=P(), w=P(), b=P(), cw=P())),
+        x=P(), t=P("dp"), y=P("dp"), h=P(), w=P(), b=P(), cw=P(), s=P("dp"),
+        g=P(), u=P(), c=P())),
     # Inputs replicated over dp with classes over tp, labels split over dp.
     "replicated_tp": Placement("tp", "labels", dict(
         x=P(None, "tp"), t=P("dp", "tp"), y=P("dp"), h=P(), w=P(None, "tp"),
-        b=P("tp"), cw=P("tp"))),
+        b=P("tp"), cw=P("tp"), s=P("dp", "tp"), g=P(), u=P(None, "tp"),
+        c=P("tp"))),
 }
 
 
@@ -124,7 +132,28 @@ LOSSES = {
         lambda a, ax, kw: bce(a["x"], a["t"], **kw),
         lambda a, kw: helpers.jax_bce(a["x"], a["t"], **kw),
         dict(plain={}, all=dict(pos_weight=1.5))),
+    # The student's logits x against the teacher's s (split with the labels
+    # when only the labels are).
+    "distill": Loss(
+        ("x", "s"), ("x",), ("s",),
+        lambda a, ax, kw: distill(a["x"], a["s"], **kw),
+        lambda a, kw: helpers.jax_distill(a["x"], a["s"], **kw),
+        dict(plain={}, all=dict(divergence="jsd", beta=0.3, temperature=1.5),
+             reverse=dict(divergence="reverse_kl", temperature=0.7))),
+    "ld": Loss(
+        ("h", "w", "b", "g", "u", "c", "y"), ("h", "w", "b"), ("y",),
+        lambda a, ax, kw: ld(a["h"], a["w"], a["g"], a["u"],
+                             student_bias=a["b"], teacher_bias=a["c"],
+                             labels=a["y"], chunk_size=3, axis_name=ax, **kw),
+        lambda a, kw: helpers.jax_linear_distill(
+            a["h"], a["w"], a["g"], a["u"], a["b"], a["c"], a["y"], **kw),
+        dict(plain={}, all=dict(ignore_index=IGNORE, hard_weight=0.3,
+                                divergence="jsd", beta=0.3, temperature=1.5),
+             reverse=dict(ignore_index=IGNORE, divergence="reverse_kl",
+                          temperature=0.7))),
 }
+# Losses without axis_name: only the placements that keep the classes whole.
+WHOLE_ROWS = ("bce", "distill")
 
 ROWS, C, D = 8, 16, 3  # 8 rows: 4 per dp device; 16 classes: 4 per tp one
 
@@ -141,7 +170,10 @@ def _data(loss, split, with_ignored, seed):
        else rng.dirichlet(np.ones(C), size=ROWS))
   made = dict(x=rng.normal(scale=2.0, size=(rows_in, C)), t=t, y=y,
               h=rng.normal(size=(rows_in, D)), w=rng.normal(size=(D, C)),
-              b=rng.normal(size=C), cw=rng.uniform(0.5, 2.0, size=C))
+              b=rng.normal(size=C), cw=rng.uniform(0.5, 2.0, size=C),
+              s=rng.normal(scale=2.0, size=(ROWS, C)),
+              g=rng.normal(size=(rows_in, D + 1)),
+              u=rng.normal(size=(D + 1, C)), c=rng.normal(size=C))
   return {k: made[k] for k in LOSSES[loss].args}
 
 
@@ -199,8 +231,8 @@ def _value_grad_hvp(f, names, diff, args, ct, tangents):
 
 CASES = [(loss, place, option, vma)
          for loss in LOSSES for place in PLACEMENTS
-         for option in ("plain", "all") for vma in (True, False)
-         if not (loss == "bce" and PLACEMENTS[place].axis_name)]
+         for option in LOSSES[loss].options for vma in (True, False)
+         if not (loss in WHOLE_ROWS and PLACEMENTS[place].axis_name)]
 
 
 @pytest.mark.parametrize("loss,place,option,vma", CASES)
@@ -235,12 +267,17 @@ JIT_LAYOUTS = {
     "lce": [dict(h=P("dp"), w=P(None, "tp"), b=P("tp")),
             dict(h=P("dp"), w=P(), b=P()),
             dict(h=P(), w=P(None, "tp"), b=P("tp"), y=P())],
+    "distill": [dict(x=P("dp", "tp"), s=P("dp", "tp")),
+                dict(x=P("dp"), s=P(None, "tp"))],
+    "ld": [dict(h=P("dp"), w=P(None, "tp"), b=P("tp"), g=P("dp"),
+                u=P(None, "tp"), c=P("tp")),
+           dict(h=P("dp"), w=P(), g=P(), u=P(None, "tp"), y=P("dp"))],
 }
 
 
 @pytest.mark.parametrize("loss,layout,option", [
     (loss, i, option) for loss in JIT_LAYOUTS
-    for i in range(len(JIT_LAYOUTS[loss])) for option in ("plain", "all")])
+    for i in range(len(JIT_LAYOUTS[loss])) for option in LOSSES[loss].options])
 def test_jit_with_named_shardings_matches_one_device(loss, layout, option):
   spec = LOSSES[loss]
   kw = dict(spec.options[option], reduction="none" if option == "plain"
@@ -339,3 +376,32 @@ def test_axis_name_needs_one_class_axis_and_example_masks():
   with pytest.raises(ValueError, match="per-example mask"):
     jax.jit(jax.shard_map(local, mesh=_mesh(), in_specs=P(None, "tp"),
                           out_specs=P()))(x)
+
+
+@pytest.mark.parametrize("vma", [True, False])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduced_fused_head_over_token_tiles_data_parallel(vma, reduction):
+  # At least as many tokens per device as classes, reduced: the gradients
+  # are formed in the forward pass (jsoft._fused_scalar). Each device's
+  # are its tokens' share, summed once for the replicated weight. Raised
+  # a type error under check_vma=True before.
+  n, d, v = 32, 3, 8
+  h, w = rng.normal(size=(n, d)), rng.normal(size=(d, v))
+  y = rng.integers(0, v, size=n)
+  y[3] = IGNORE
+
+  def local(h, w, y):
+    total = lce(h, w, y, ignore_index=IGNORE, chunk_size=5, reduction="sum")
+    if reduction == "sum":
+      return jax.lax.psum(total, "dp")
+    kept = jnp.sum(y != IGNORE).astype(total.dtype)
+    return jax.lax.psum(total, "dp") / jax.lax.psum(kept, "dp")
+
+  step = jax.jit(jax.value_and_grad(jax.shard_map(
+      local, mesh=_mesh((2,), ("dp",)), in_specs=(P("dp"), P(), P("dp")),
+      out_specs=P(), check_vma=vma), argnums=(0, 1)))
+  ref = jax.value_and_grad(lambda h, w: helpers.jax_ce_int(
+      h @ w, y, ignore_index=IGNORE, reduction=reduction), argnums=(0, 1))
+  for got, want in zip(jax.tree.leaves(step(h, w, y)),
+                       jax.tree.leaves(ref(h, w)), strict=True):
+    _close(got, want)
