@@ -246,7 +246,14 @@ def distillation_loss(student_logits: jax.typing.ArrayLike,
   r"""The divergence between a teacher's and a student's softmax, per
   example, for knowledge distillation.
 
-  With ``p_s = softmax(s/T)`` and ``p_t = softmax(t/T)``:
+  With ``p_s = softmax(s/T)`` and ``p_t = softmax(t/T)``, a sum over the
+  classes of one term per entry,
+
+  .. math::
+    D = \sum_c \varphi(\log p_{s,c}, \log p_{t,c}), \qquad
+    \log p_s = s/T - \operatorname{logsumexp}(s/T),
+
+  with, for each ``divergence``:
 
   * ``"forward_kl"``: :math:`\mathrm{KL}(p_t\,\|\,p_s) = \sum_c p_{t,c}
     (\log p_{t,c} - \log p_{s,c})` (Hinton et al.'s soft loss);
@@ -392,6 +399,13 @@ def kl_divergence_with_log_targets(
 
   Returns:
     The divergence, of the inputs' shape without ``axis``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jsoft
+    >>> log_q = jnp.log(jnp.array([0.5, 0.5, 0.0]))
+    >>> log_t = jnp.log(jnp.array([0.25, 0.75, 0.0]))
+    >>> print(f"{jsoft.kl_divergence_with_log_targets(log_q, log_t):.4f}")
+    0.1308
   """
   return _kl_jit(_checks.asarray(log_predictions),
                  _checks.asarray(log_targets),

@@ -471,8 +471,8 @@ def linear_distillation_loss(
   bs, y) + (1 − α)·distillation_loss(hs @ Ws + bs, ht @ Wt + bt, ...)``.
 
   Both heads are computed one tile of ``chunk_size`` tokens at a time, all
-  ``V`` classes per tile, inside a ``lax.scan``; the tile's gradient with
-  respect to the student's logits, :math:`(1-\alpha)(\varphi_1 - p_s
+  ``V`` classes per tile, inside a ``lax.scan``. Gradient (the VJP rule):
+  the tile's gradient with respect to the student's logits, :math:`(1-\alpha)(\varphi_1 - p_s
   \sum\varphi_1)/T + \alpha(\operatorname{softmax}(s) -
   \mathrm{onehot}(y))` (for forward KL simply :math:`(1-\alpha)(p_s -
   p_t)/T + \ldots`), is folded into

@@ -20,11 +20,15 @@ PEERS = {
     "softmax_cross_entropy_with_integer_labels":
         optax.softmax_cross_entropy_with_integer_labels,
     "sigmoid_binary_cross_entropy": optax.sigmoid_binary_cross_entropy,
+    "kl_divergence": optax.losses.kl_divergence,
+    "kl_divergence_with_log_targets":
+        optax.losses.kl_divergence_with_log_targets,
 }
 
 
 # jsoft's own additions: no peer to match.
-NEW = ("checked", "linear_cross_entropy", "TokenStats")
+NEW = ("checked", "linear_cross_entropy", "TokenStats", "distillation_loss",
+       "linear_distillation_loss")
 
 
 def test_exports():
@@ -50,7 +54,9 @@ def test_same_parameters_as_the_peer(name):
     assert ours[p].kind == inspect.Parameter.KEYWORD_ONLY, p
 
 
-@pytest.mark.parametrize("name", sorted([*PEERS, "linear_cross_entropy"]))
+@pytest.mark.parametrize("name", sorted([
+    *PEERS, "linear_cross_entropy", "distillation_loss",
+    "linear_distillation_loss"]))
 def test_documented_with_formula_and_derivative(name):
   doc = getattr(jsoft, name).__doc__
   assert ".. math::" in doc
@@ -68,6 +74,8 @@ ARGS = {
     "softmax_cross_entropy_with_integer_labels": (jnp.ones((2, 3)),
                                                   jnp.array([0, 2])),
     "sigmoid_binary_cross_entropy": (jnp.ones((2, 3)), jnp.zeros((2, 3))),
+    "kl_divergence": (jnp.zeros((2, 3)), jnp.ones((2, 3)) / 3),
+    "kl_divergence_with_log_targets": (jnp.zeros((2, 3)), jnp.zeros((2, 3))),
 }
 
 
