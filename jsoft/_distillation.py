@@ -275,8 +275,8 @@ def distillation_loss(student_logits: jax.typing.ArrayLike,
   The teacher is a constant: no gradient flows to ``teacher_logits`` (wrap
   nothing in ``stop_gradient``; a gradient with respect to it is zero).
   Gradient (the VJP rule, one pass): the seed post's ``y − t`` with the
-  teacher as the target, for forward KL exactly :math:`(p_s - p_t)/T`; in general
-  :math:`(\varphi_1 - p_s\sum_c \varphi_{1,c})/T` with
+  teacher as the target, for forward KL exactly :math:`(p_s - p_t)/T`; in
+  general :math:`(\varphi_1 - p_s\sum_c \varphi_{1,c})/T` with
   :math:`\varphi_1 = p_s(\log p_s - \log p_t + 1)` (reverse KL) or
   :math:`(1-\beta)\,p_s(\log p_s - \log m)` (JSD). Every autodiff mode
   works (``jvp``, ``jacfwd``, ``hessian``, HVPs).

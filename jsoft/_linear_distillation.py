@@ -472,18 +472,21 @@ def linear_distillation_loss(
 
   Both heads are computed one tile of ``chunk_size`` tokens at a time, all
   ``V`` classes per tile, inside a ``lax.scan``. Gradient (the VJP rule):
-  the tile's gradient with respect to the student's logits, :math:`(1-\alpha)(\varphi_1 - p_s
-  \sum\varphi_1)/T + \alpha(\operatorname{softmax}(s) -
-  \mathrm{onehot}(y))` (for forward KL simply :math:`(1-\alpha)(p_s -
-  p_t)/T + \ldots`), is folded into
-  :math:`\partial L/\partial h_s = g W_s^\top`,
+  the gradient tile with respect to the student's logits,
+
+  .. math::
+    g = (1-\alpha)\,\frac{\varphi_1 - p_s\sum_c\varphi_{1,c}}{T}
+      + \alpha\,\bigl(\operatorname{softmax}(s) - \mathrm{onehot}(y)\bigr)
+
+  (for forward KL the first term is :math:`(1-\alpha)(p_s - p_t)/T`), is
+  folded into :math:`\partial L/\partial h_s = g W_s^\top`,
   :math:`\partial L/\partial W_s = \sum h_s^\top g` and
-  :math:`\partial L/\partial b_s = \sum g`, accumulated in float32. Reduced
-  to a scalar, those tiles are formed in the forward pass (four matmuls per
-  tile in all, as many as the unfused loss's forward and backward);
-  ``reduction="none"`` recomputes both tiles of logits in the backward
-  pass. The teacher is a constant: no gradient reaches ``teacher_*``, and
-  no matmul is spent on one. Every autodiff mode works.
+  :math:`\partial L/\partial b_s = \sum g`, accumulated in float32.
+  Reduced to a scalar, those tiles are formed in the forward pass (four
+  matmuls per tile in all, as many as the unfused loss's forward and
+  backward); ``reduction="none"`` recomputes both tiles of logits in the
+  backward pass. The teacher is a constant: no gradient reaches
+  ``teacher_*``, and no matmul is spent on one. Every autodiff mode works.
 
   Peak memory beyond inputs and outputs is about ``12·c·V`` bytes (both
   float32 tiles of logits and the gradient tile) plus ``8·D_s·V``
