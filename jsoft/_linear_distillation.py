@@ -488,10 +488,13 @@ def linear_distillation_loss(
   backward pass. The teacher is a constant: no gradient reaches
   ``teacher_*``, and no matmul is spent on one. Every autodiff mode works.
 
-  Peak memory beyond inputs and outputs is about ``12·c·V`` bytes (both
-  float32 tiles of logits and the gradient tile) plus ``8·D_s·V``
-  (``dW_s`` and a transposed copy of ``W_s``) and ``4·N·D_s`` (``dh_s``);
-  the unfused composition holds at least ``8·N·V`` (both heads' logits).
+  Peak memory beyond inputs and outputs, in bytes, for tiles of ``c``
+  tokens: ``12·c·V`` to ``20·c·V`` for forward KL at ``T = 1`` (both
+  float32 tiles of logits and the gradient tile), up to ``48·c·V`` with
+  the JSD, a temperature and the hard loss (more per-entry temporaries),
+  plus ``8·D_s·V`` (``dW_s`` and a transposed copy of ``W_s``) and
+  ``4·N·D_s`` (``dh_s``) (``tests/test_memory.py`` holds it to that); the
+  unfused composition holds at least ``8·N·V`` (both heads' logits).
   ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/32 of one
   head's logits, clamped to 1–16 MiB (a multiple of 8 tokens): at 4096
   tokens and 32768 classes, 128 tokens per tile.

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jsoft
-from jsoft import _linear_cross_entropy
+from jsoft import _linear_cross_entropy, _linear_distillation
 
 F32 = jnp.float32
 int_ce = jsoft.softmax_cross_entropy_with_integer_labels
@@ -247,3 +247,49 @@ def test_sharded_fused_head_per_device_within_its_bound():
       jax.shard_map(loss, mesh=mesh, in_specs=(P(), P(None, "tp"), P()),
                     out_specs=P()), argnums=(0, 1))
   assert _temp(step, h, w, y) <= _fused_bound(n, d, v // shards, chunk)
+
+
+def _distill_bound(n, d, v, chunk, tiles):
+  """linear_distillation_loss's documented peak: ``tiles`` float32 tiles
+  of logits (``4·c·V`` bytes each), dW and W's transpose, dh, and numbers
+  per token."""
+  return tiles * 4 * chunk * v + 8 * d * v + 4 * n * d + 64 * n
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("hard", [0.0, 0.5])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_distillation_within_its_documented_bound(kind, hard,
+                                                        reduction):
+  n, d, v, chunk = 2000, 64, 4096, 128  # the last tile overlaps
+  hs, ws = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  ht, wt = jnp.zeros((n, d + 16), F32), jnp.zeros((d + 16, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(hs, ws):
+    return jnp.sum(jsoft.linear_distillation_loss(
+        hs, ws, ht, wt, labels=y, ignore_index=IGNORE, hard_weight=hard,
+        divergence=kind, temperature=2.0, chunk_size=chunk,
+        reduction=reduction))
+
+  assert _temp(loss, hs, ws) <= _distill_bound(n, d, v, chunk, 12)
+  assert _temp(jax.value_and_grad(loss, argnums=(0, 1)), hs, ws) <= (
+      _distill_bound(n, d, v, chunk, 12))
+
+
+def test_fused_distillation_default_under_a_sixteenth_of_unfused():
+  n, d, v = 4096, 64, 8192
+  hs, ws = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  ht, wt = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+
+  def fused(hs, ws):
+    return jsoft.linear_distillation_loss(hs, ws, ht, wt, reduction="mean")
+
+  def unfused(hs, ws):
+    return jsoft.distillation_loss(hs @ ws, ht @ wt, reduction="mean")
+
+  temp = _temp(jax.value_and_grad(fused, argnums=(0, 1)), hs, ws)
+  chunk = _linear_distillation.default_chunk(n, v)
+  assert temp <= _distill_bound(n, d, v, chunk, 5)
+  assert temp <= _temp(jax.value_and_grad(unfused, argnums=(0, 1)), hs,
+                       ws) / 16
