@@ -58,6 +58,17 @@ def test_curvature_matches_float64(run):
   assert hvp["top_eigenvalue"] > 0
 
 
+def test_distilled_student(run):
+  # The softmax regression distilled from the MLP through the fused
+  # distillation head: a working student, no worse than hard labels alone
+  # by more than two points, below its teacher.
+  k = run[0]["distillation"]
+  assert k["teacher_accuracy"] >= 0.95
+  assert k["distilled"] >= 0.9 and k["hard labels"] >= 0.9
+  assert k["distilled"] >= k["hard labels"] - 0.02
+  assert 0 < k["hard_weight"] < k["alpha"]
+
+
 def test_outputs_written(run):
   result, out = run
   on_disk = json.loads((out / "e.json").read_text())
