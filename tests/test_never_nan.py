@@ -223,6 +223,14 @@ NAN_FREE = {
         x, T, reduction="sum"))(X),
     "bce": lambda: jsoft.sigmoid_binary_cross_entropy(X, T),
     "lce": lambda: jsoft.linear_cross_entropy(X, X.T, Y % 2, chunk_size=1),
+    "distill": lambda: [jsoft.distillation_loss(X, T, divergence=d)
+                        for d in ("forward_kl", "reverse_kl", "jsd")],
+    "distill_grad": lambda: jax.grad(lambda x: jsoft.distillation_loss(
+        x, T, divergence="jsd", reduction="sum"))(X),
+    "kl": lambda: jsoft.kl_divergence(jnp.log(T[0]), T[1]),
+    "linear_distill": lambda: jax.grad(lambda x: jsoft.linear_distillation_loss(
+        x, X.T, X, X.T, labels=Y % 2, hard_weight=0.5, chunk_size=1,
+        reduction="mean"))(X),
 }
 
 

@@ -36,6 +36,26 @@ def _ref_bce(x, t):
   return t * jax.nn.softplus(-x) + (1 - t) * jax.nn.softplus(x)
 
 
+TEACHER = rng.normal(size=(3, 4))
+HEAD = rng.normal(size=(4, 5))  # the student's head for X as hidden states
+T_HIDDEN, T_HEAD = rng.normal(size=(3, 2)), rng.normal(size=(2, 5))
+
+
+def _ref_kl(log_q, t):
+  return jnp.sum(t * (jnp.log(t) - log_q), -1)
+
+
+def _ref_distill(x, t, kind, temp=1.0, beta=0.5):
+  ls, lt = jax.nn.log_softmax(x / temp), jax.nn.log_softmax(t / temp)
+  ps, pt = jnp.exp(ls), jnp.exp(lt)
+  if kind == "forward_kl":
+    return jnp.sum(pt * (lt - ls), -1)
+  if kind == "reverse_kl":
+    return jnp.sum(ps * (ls - lt), -1)
+  lm = jnp.log(beta * pt + (1 - beta) * ps)
+  return jnp.sum(beta * pt * (lt - lm) + (1 - beta) * ps * (ls - lm), -1)
+
+
 # name: (jsoft function of x, reference function of x, input)
 CASES = {
     "softmax": (jsoft.softmax, jax.nn.softmax, X),
@@ -82,6 +102,28 @@ CASES = {
     "sigmoid_binary_cross_entropy_grad_labels": (
         lambda t: jsoft.sigmoid_binary_cross_entropy(X, t),
         lambda t: _ref_bce(X, t), BIN),
+    "distillation_forward_kl": (
+        lambda x: jsoft.distillation_loss(x, TEACHER),
+        lambda x: _ref_distill(x, TEACHER, "forward_kl"), X),
+    "distillation_reverse_kl_t2": (
+        lambda x: jsoft.distillation_loss(x, TEACHER, divergence="reverse_kl",
+                                          temperature=2.0),
+        lambda x: _ref_distill(x, TEACHER, "reverse_kl", 2.0), X),
+    "distillation_jsd": (
+        lambda x: jsoft.distillation_loss(x, TEACHER, divergence="jsd",
+                                          beta=0.3),
+        lambda x: _ref_distill(x, TEACHER, "jsd", beta=0.3), X),
+    "kl_divergence": (lambda x: jsoft.kl_divergence(x, T),
+                      lambda x: _ref_kl(x, T), X),
+    "kl_divergence_grad_targets": (lambda t: jsoft.kl_divergence(X, t),
+                                   lambda t: _ref_kl(X, t), T),
+    "kl_divergence_with_log_targets_grad_targets": (
+        lambda lt: jsoft.kl_divergence_with_log_targets(X, lt),
+        lambda lt: _ref_kl(X, jnp.exp(lt)), np.log(T)),
+    "linear_distillation_loss": (
+        lambda h: jsoft.linear_distillation_loss(
+            h, HEAD, T_HIDDEN, T_HEAD, divergence="jsd", chunk_size=2),
+        lambda h: _ref_distill(h @ HEAD, T_HIDDEN @ T_HEAD, "jsd"), X),
 }
 
 # A fixed random weighting turns any output into a scalar with a non-trivial
