@@ -74,6 +74,29 @@ def make_cases(fns, shapes, dtypes, lm_head: str | None,
   return out
 
 
+def default_cases() -> list[Case]:
+  """The default run, a few minutes on 2 CPU cores (float32): the
+  integer-label CE and the softmax at a language model's size, the other
+  losses and every training option at once at 1024×1000, the LM-head step,
+  the fused head at its quick size, and the dispatch latency of the three
+  losses."""
+  small, medium, large = (SHAPES[k] for k in ("small", "medium", "large"))
+  return [
+      Case("ce_int", large, "float32", "fwd"),
+      Case("ce_int", large, "float32", "vg"),
+      Case("softmax", large, "float32", "fwd"),
+      Case("ce_prob", medium, "float32", "vg"),
+      Case("bce", medium, "float32", "vg"),
+      Case("ce_opts", medium, "float32", "vg"),
+      Case("lm_head", LM_HEAD["full"], "float32", "vg"),
+      Case("lce", LCE["quick"], "float32", "vg"),
+      Case("ce_int", small, "float32", "fwd"),
+      Case("ce_int", small, "float32", "vg"),
+      Case("ce_prob", small, "float32", "fwd"),
+      Case("bce", small, "float32", "fwd"),
+  ]
+
+
 # ----------------------------------------------------------------- inputs
 
 
@@ -204,17 +227,18 @@ def inplace_floor_impl(case: Case, args: tuple[jax.Array, ...],
   return Impl("floor, in place", call)
 
 
-def build(case: Case, available: dict[str, str | None]) -> tuple[
-    dict[str, Impl], dict[str, str]]:
+def build(case: Case, available: dict[str, str | None],
+          extremes: bool = True) -> tuple[dict[str, Impl], dict[str, str]]:
   """The implementations of ``case``, and why the others are missing.
 
-  ``available`` maps each peer to None (usable) or the reason it is not.
+  ``available`` maps each peer to None (usable) or the reason it is not;
+  ``extremes``: also bind each to the inputs × 1000 (the overflow check).
   """
   host = make_inputs(case)
-  extreme_host = make_inputs(case, scale=1000.0)
+  extreme_host = make_inputs(case, scale=1000.0) if extremes else None
   # The JAX peers share one copy of the inputs on the device.
   args = to_jax(case, host)
-  xargs = to_jax(case, extreme_host)
+  xargs = to_jax(case, extreme_host) if extremes else None
   impls: dict[str, Impl] = {}
   missing: dict[str, str] = {}
   for peer in peers.PEERS:
@@ -231,14 +255,17 @@ def build(case: Case, available: dict[str, str | None]) -> tuple[
       if case.dtype != "float32":
         missing[peer] = "NumPy has no bfloat16 arithmetic"
         continue
-      impls[peer] = Impl(peer, _bind(fn, host), extreme=_bind(fn, extreme_host))
+      impls[peer] = Impl(peer, _bind(fn, host),
+                         extreme=_bind(fn, extreme_host) if extremes else None)
     elif peer == "torch":
       fn = peers.torch_impl(case.fn, case.mode)
       if fn is None:
         missing[peer] = "no such case"
         continue
-      targs, txargs = to_torch(case, host), to_torch(case, extreme_host)
-      impls[peer] = Impl(peer, _bind(fn, targs), extreme=_bind(fn, txargs))
+      targs = to_torch(case, host)
+      txargs = to_torch(case, extreme_host) if extremes else None
+      impls[peer] = Impl(peer, _bind(fn, targs),
+                         extreme=_bind(fn, txargs) if extremes else None)
     else:
       jitted = peers.jax_impl(peer, case.fn, case.mode)
       if jitted is None:
@@ -251,7 +278,8 @@ def build(case: Case, available: dict[str, str | None]) -> tuple[
           # one: not timed.)
           eager=None if case.fn == "lce" else (
               lambda e=eager, a=args: _block(e(*a))),
-          extreme=lambda j=jitted, a=xargs: _block(j(*a)))
+          extreme=(lambda j=jitted, a=xargs: _block(j(*a))) if extremes
+          else None)
   return impls, missing
 
 
