@@ -15,10 +15,11 @@ from bench.peers import FNS, HEADS
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
-  payload = cli.main(["--shapes", "tiny", "--lm-head", "tiny", "--lce", "tiny",
-                      "--dtype",
-                      "float32", "--rounds", "2", "--json",
-                      str(out / "r.json"), "--plot", str(out / "r.png")])
+  # --quick's short samples, on the tiny shapes.
+  payload = cli.main(["--quick", "--shapes", "tiny", "--lm-head", "tiny",
+                      "--lce", "tiny", "--dtype", "float32", "--rounds", "2",
+                      "--json", str(out / "r.json"), "--plot",
+                      str(out / "r.png")])
   return payload, out
 
 
