@@ -74,6 +74,29 @@ def make_cases(fns, shapes, dtypes, lm_head: str | None,
   return out
 
 
+def default_cases() -> list[Case]:
+  """The default run, a few minutes on 2 CPU cores (float32): the
+  integer-label CE and the softmax at a language model's size, the other
+  losses and every training option at once at 1024×1000, the LM-head step,
+  the fused head at its quick size, and the dispatch latency of the three
+  losses."""
+  small, medium, large = (SHAPES[k] for k in ("small", "medium", "large"))
+  return [
+      Case("ce_int", large, "float32", "fwd"),
+      Case("ce_int", large, "float32", "vg"),
+      Case("softmax", large, "float32", "fwd"),
+      Case("ce_prob", medium, "float32", "vg"),
+      Case("bce", medium, "float32", "vg"),
+      Case("ce_opts", medium, "float32", "vg"),
+      Case("lm_head", LM_HEAD["full"], "float32", "vg"),
+      Case("lce", LCE["quick"], "float32", "vg"),
+      Case("ce_int", small, "float32", "fwd"),
+      Case("ce_int", small, "float32", "vg"),
+      Case("ce_prob", small, "float32", "fwd"),
+      Case("bce", small, "float32", "fwd"),
+  ]
+
+
 # ----------------------------------------------------------------- inputs
 
 
@@ -81,26 +104,31 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   """Host (NumPy, float32/int32) inputs; ``scale`` multiplies the logits
   (or the head weights), 1000 for the overflow check."""
   rng = np.random.default_rng(0)
+
+  def normal(shape, std):  # float32 throughout: no float64 [N, C] copy
+    out = rng.standard_normal(shape, dtype=np.float32)
+    out *= np.float32(std)
+    return out
+
   if case.fn in peers.HEADS:
     n, d, v = case.dims
-    h = rng.normal(size=(n, d)).astype(np.float32)
-    w = (scale * rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
+    h = normal((n, d), 1.0)
+    w = normal((d, v), scale / np.sqrt(d))
     return h, w, rng.integers(0, v, size=n).astype(np.int32)
   n, c = case.dims
-  x = (scale * 3 * rng.normal(size=(n, c))).astype(np.float32)
+  x = normal((n, c), 3 * scale)
   if case.fn == "ce_int":
     return x, rng.integers(0, c, size=n).astype(np.int32)
   if case.fn == "ce_opts":  # one target in ten ignored (padding)
     y = rng.integers(0, c, size=n).astype(np.int32)
     return x, np.where(rng.random(n) < 0.1, peers.IGNORE, y).astype(np.int32)
   if case.fn == "ce_prob":
-    t = rng.random(size=(n, c)).astype(np.float32)
+    t = rng.random((n, c), dtype=np.float32)
     return x, t / t.sum(-1, keepdims=True)
   if case.fn == "bce":
-    return x, rng.integers(0, 2, size=(n, c)).astype(np.float32)
+    return x, (rng.random((n, c), dtype=np.float32) < 0.5).astype(np.float32)
   if case.mode == "vg":  # the activations' cotangent
-    out_shape = (n,) if case.fn == "logsumexp" else (n, c)
-    return x, rng.normal(size=out_shape).astype(np.float32)
+    return x, normal((n,) if case.fn == "logsumexp" else (n, c), 1.0)
   return (x,)
 
 
@@ -125,11 +153,12 @@ def to_torch(case: Case, host: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
   dtype = getattr(torch, case.dtype)
   out = []
   for i, a in enumerate(host):
+    # from_numpy shares the host buffer; .to copies only to another dtype.
     if i in _float_inputs(case):
-      t = torch.tensor(a, dtype=dtype)
+      t = torch.from_numpy(a).to(dtype)
     else:
-      t = torch.tensor(a, dtype=torch.int64 if a.dtype.kind == "i" else
-                       torch.float32)
+      t = torch.from_numpy(a).to(torch.int64 if a.dtype.kind == "i" else
+                                 torch.float32)
     grad_inputs = {"lm_head": (1,), "lce": (0, 1)}.get(case.fn, (0,))
     if case.mode == "vg" and i in grad_inputs:
       t.requires_grad_(True)
@@ -198,14 +227,18 @@ def inplace_floor_impl(case: Case, args: tuple[jax.Array, ...],
   return Impl("floor, in place", call)
 
 
-def build(case: Case, available: dict[str, str | None]) -> tuple[
-    dict[str, Impl], dict[str, str]]:
+def build(case: Case, available: dict[str, str | None],
+          extremes: bool = True) -> tuple[dict[str, Impl], dict[str, str]]:
   """The implementations of ``case``, and why the others are missing.
 
-  ``available`` maps each peer to None (usable) or the reason it is not.
+  ``available`` maps each peer to None (usable) or the reason it is not;
+  ``extremes``: also bind each to the inputs × 1000 (the overflow check).
   """
   host = make_inputs(case)
-  extreme_host = make_inputs(case, scale=1000.0)
+  extreme_host = make_inputs(case, scale=1000.0) if extremes else None
+  # The JAX peers share one copy of the inputs on the device.
+  args = to_jax(case, host)
+  xargs = to_jax(case, extreme_host) if extremes else None
   impls: dict[str, Impl] = {}
   missing: dict[str, str] = {}
   for peer in peers.PEERS:
@@ -222,21 +255,22 @@ def build(case: Case, available: dict[str, str | None]) -> tuple[
       if case.dtype != "float32":
         missing[peer] = "NumPy has no bfloat16 arithmetic"
         continue
-      impls[peer] = Impl(peer, _bind(fn, host), extreme=_bind(fn, extreme_host))
+      impls[peer] = Impl(peer, _bind(fn, host),
+                         extreme=_bind(fn, extreme_host) if extremes else None)
     elif peer == "torch":
       fn = peers.torch_impl(case.fn, case.mode)
       if fn is None:
         missing[peer] = "no such case"
         continue
-      targs, xargs = to_torch(case, host), to_torch(case, extreme_host)
-      impls[peer] = Impl(peer, _bind(fn, targs), extreme=_bind(fn, xargs))
+      targs = to_torch(case, host)
+      txargs = to_torch(case, extreme_host) if extremes else None
+      impls[peer] = Impl(peer, _bind(fn, targs),
+                         extreme=_bind(fn, txargs) if extremes else None)
     else:
       jitted = peers.jax_impl(peer, case.fn, case.mode)
       if jitted is None:
         missing[peer] = f"{peer} has no {case.fn}"
         continue
-      args = to_jax(case, host)
-      xargs = to_jax(case, extreme_host)
       eager = jitted.__wrapped__
       impls[peer] = Impl(
           peer, lambda j=jitted, a=args: _block(j(*a)), jitted, args,
@@ -244,7 +278,8 @@ def build(case: Case, available: dict[str, str | None]) -> tuple[
           # one: not timed.)
           eager=None if case.fn == "lce" else (
               lambda e=eager, a=args: _block(e(*a))),
-          extreme=lambda j=jitted, a=xargs: _block(j(*a)))
+          extreme=(lambda j=jitted, a=xargs: _block(j(*a))) if extremes
+          else None)
   return impls, missing
 
 

@@ -1,4 +1,4 @@
-"""``python -m bench.experiments``: jsoft inside real models, end to end.
+"""``python -m bench experiments``: jsoft inside real models, end to end.
 
 On scikit-learn's bundled digits (1797 8×8 images, 10 classes; no
 download), with optax's Adam:
@@ -21,8 +21,6 @@ accuracy, step time).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from typing import Any
 
@@ -31,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoft
+from bench import _plumbing
 
 QUICK = {"steps_regression": 150, "steps_mlp": 300, "timing_steps": 20,
          "power_iterations": 15}
@@ -44,8 +43,7 @@ HIDDEN = 64
 
 def digits(seed: int = 0) -> dict[str, np.ndarray]:
   """The digits, scaled to [0, 1], split 80/20 (train/test) at random."""
-  from sklearn.datasets import load_digits  # noqa: PLC0415
-  data = load_digits()
+  data = _plumbing.optional("sklearn.datasets").load_digits()
   x = (data.data / 16.0).astype(np.float32)
   y = data.target.astype(np.int32)
   order = np.random.default_rng(seed).permutation(len(y))
@@ -60,7 +58,7 @@ def _jsoft_ce(logits, y):
 
 
 def _optax_ce(logits, y):
-  import optax  # noqa: PLC0415
+  optax = _plumbing.optional("optax")
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
@@ -84,7 +82,7 @@ def regression_model(key):
 
 def mlp_model(key):
   """A one-hidden-layer MLP written in Equinox (64 → 64 → 10, ReLU)."""
-  import equinox as eqx  # noqa: PLC0415
+  eqx = _plumbing.optional("equinox")
   mlp = eqx.nn.MLP(in_size=64, out_size=10, width_size=HIDDEN, depth=1,
                    activation=jax.nn.relu, dtype=jnp.float32, key=key)
   params, static = eqx.partition(mlp, eqx.is_array)
@@ -106,7 +104,7 @@ def train(make_model, lr: float, loss_name: str, data, steps: int,
           timing_steps: int) -> dict[str, Any]:
   """Full-batch Adam from a fixed initialisation; the loss curve, held-out
   accuracy and median step time."""
-  import optax  # noqa: PLC0415
+  optax = _plumbing.optional("optax")
   params, apply = make_model(jax.random.key(0))
   ce = LOSSES[loss_name]
   opt = optax.adam(lr)
@@ -303,45 +301,43 @@ def run(quick: bool = False) -> dict[str, Any]:
   return out
 
 
-def table(result: dict[str, Any]) -> str:
-  lines = ["digits (1437 train / 360 test), full-batch Adam, float32"]
-  lines.append(f"  {'model':<20}{'loss':<7}{'final loss':>11}"
-               f"{'test acc':>10}{'step ms':>9}  curves differ by")
+def table(result: dict[str, Any]) -> Any:
+  rows: list[list[str] | None] = []
   for name, m in result["models"].items():
+    rows.append(None)
     for loss in LOSSES:
       r = m[loss]
-      lines.append(f"  {name:<20}{loss:<7}{r['curve'][-1]:>11.5f}"
-                   f"{r['accuracy']:>10.3f}{r['step_ms']:>9.3f}  "
-                   f"{m['max_curve_difference']:.2e}")
+      rows.append([name, loss, f"{r['curve'][-1]:.5f}",
+                   f"{r['accuracy']:.3f}", f"{r['step_ms']:.3f}",
+                   f"{m['max_curve_difference']:.2e}"])
   h = result["regression_hessian"]
-  lines.append("  softmax-regression Hessian (640×640) through jsoft vs the "
-               f"float64 closed form: max rel. error {h['max_rel_error']:.2e}"
-               "; top eigenvalues "
-               + ", ".join(f"{e:.4f}" for e in h["top_eigenvalues"]))
   v = result["mlp_hvp"]
-  lines.append(f"  MLP HVP ({v['params']} parameters) through jsoft vs a "
-               "float64 reference: max rel. error "
-               f"{v['max_rel_error_float64']:.2e} in float64, "
-               f"{v['max_rel_error_float32']:.2e} in float32 (textbook loss "
-               f"in float32: {v['textbook_float32_max_rel_error']:.2e}); top "
-               f"eigenvalue (power iteration) {v['top_eigenvalue']:.4f}")
+  caption = (
+      "softmax-regression Hessian (640×640) through jsoft vs the float64 "
+      f"closed form: max rel. error {h['max_rel_error']:.2e}; top "
+      "eigenvalues " + ", ".join(f"{e:.4f}" for e in h["top_eigenvalues"])
+      + f"\nMLP HVP ({v['params']} parameters) through jsoft vs a float64 "
+      f"reference: max rel. error {v['max_rel_error_float64']:.2e} in "
+      f"float64, {v['max_rel_error_float32']:.2e} in float32 (textbook loss "
+      f"in float32: {v['textbook_float32_max_rel_error']:.2e}); top "
+      f"eigenvalue (power iteration) {v['top_eigenvalue']:.4f}")
   k = result["distillation"]
-  lines.append(f"  distillation into the softmax regression ({k['steps']} "
-               f"steps): held-out accuracy {k['hard labels']:.3f} with hard "
-               f"labels only, {k['distilled']:.3f} distilled from the MLP "
-               f"(teacher {k['teacher_accuracy']:.3f}; fused "
-               f"linear_distillation_loss, T={k['temperature']:g}, "
-               f"alpha={k['alpha']:g})")
-  return "\n".join(lines)
+  caption += (
+      f"\ndistillation into the softmax regression ({k['steps']} steps): "
+      f"held-out accuracy {k['hard labels']:.3f} with hard labels only, "
+      f"{k['distilled']:.3f} distilled from the MLP (teacher "
+      f"{k['teacher_accuracy']:.3f}; fused linear_distillation_loss, "
+      f"T={k['temperature']:g}, alpha={k['alpha']:g})")
+  return _plumbing.table(
+      "digits (1437 train / 360 test), full-batch Adam, float32",
+      ["model", "loss", "final loss", "test acc", "step ms",
+       "curves differ by"], rows, left=2, caption=caption)
 
 
-def write_plot(path: str, result: dict[str, Any]) -> str | None:
-  try:
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-  except ImportError:
-    return "matplotlib is not installed (pip install -e '.[bench]')"
+def write_plot(path: str, result: dict[str, Any]) -> None:
+  """Loss curves, accuracy and step time. Raises
+  :class:`bench._plumbing.Missing` without matplotlib."""
+  plt = _plumbing.pyplot()
   fig, (ax_loss, ax_acc, ax_time) = plt.subplots(1, 3, figsize=(15, 4))
   names = list(result["models"])
   styles = {"jsoft": "-", "optax": "--"}
@@ -368,14 +364,11 @@ def write_plot(path: str, result: dict[str, Any]) -> str | None:
     ax.legend(fontsize=8)
   ax_acc.set_ylim(0.8, 1.0)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return None
+  _plumbing.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(prog="python -m bench.experiments",
+  p = argparse.ArgumentParser(prog="python -m bench experiments",
                               description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true",
                  help="fewer steps: under a minute on 2 CPU cores")
@@ -383,18 +376,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--plot", metavar="PATH", help="write a PNG")
   args = p.parse_args(argv)
   result = run(quick=args.quick)
-  print(table(result))
+  _plumbing.show(table(result))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-      f.write("\n")
-    print(f"wrote {args.json}")
+    _plumbing.write_json(args.json, result)
+    _plumbing.say(f"wrote {args.json}")
   if args.plot:
-    why = write_plot(args.plot, result)
-    print(f"plot not written: {why}" if why else f"wrote {args.plot}")
+    try:
+      write_plot(args.plot, result)
+      _plumbing.say(f"wrote {args.plot}")
+    except _plumbing.Missing as e:
+      _plumbing.say(f"chart not written: {e}")
   return result
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the old entry point: python -m bench experiments
   main()

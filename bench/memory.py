@@ -1,4 +1,5 @@
-"""XLA temp memory of an LM-head step, fused against unfused, over N and V.
+"""XLA temp memory of an LM-head step, fused against unfused, over N and V:
+``python -m bench memory``.
 
 Compile only (``jax.jit(...).lower(...).compile().memory_analysis()`` on
 shape-only arguments): nothing runs and no [N, V] array is ever allocated,
@@ -8,13 +9,14 @@ so the sweep reaches sizes the machine could not hold. Each point is the
 
 from __future__ import annotations
 
-import os
+import argparse
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import jsoft
+from bench import _plumbing, report
 
 D = 256
 FIXED_V, FIXED_N = 32768, 8192
@@ -30,11 +32,11 @@ def _losses() -> dict[str, Any]:
           jsoft.softmax_cross_entropy_with_integer_labels(h @ w, y)),
   }
   try:
-    import optax  # noqa: PLC0415
-    out["optax"] = lambda h, w, y: jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(h @ w, y))
-  except ImportError:
-    pass
+    optax = _plumbing.optional("optax")
+  except _plumbing.Missing:
+    return out
+  out["optax"] = lambda h, w, y: jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(h @ w, y))
   return out
 
 
@@ -60,35 +62,30 @@ def sweep(quick: bool = False) -> dict[str, Any]:
   return out
 
 
-def table(result: dict[str, Any]) -> str:
-  """The sweep as text (MiB)."""
-  lines = [f"XLA temp memory (MiB) of value_and_grad w.r.t. h and W, "
-           f"D={result['d']}, float32"]
+def tables(result: dict[str, Any]) -> list[Any]:
+  """The sweep as two tables (MiB), along N and along V."""
+  out = []
   for axis, fixed in (("n", f"V={result['fixed_v']}"),
                       ("v", f"N={result['fixed_n']}")):
-    lines.append(f"  over {axis.upper()} ({fixed}): "
-                 + " ".join(f"{x:>9}" for x in result[axis]))
-    for name, values in result[f"over_{axis}"].items():
-      lines.append(f"    {name:<14}"
-                   + " ".join(f"{b / 2**20:9.1f}" for b in values))
-  return "\n".join(lines)
+    rows = [[name, *(f"{b / report.MIB:.1f}" for b in values)]
+            for name, values in result[f"over_{axis}"].items()]
+    out.append(_plumbing.table(
+        f"XLA temp memory (MiB) of value_and_grad w.r.t. h and W, over "
+        f"{axis.upper()} ({fixed}, D={result['d']}, float32)",
+        [f"{axis.upper()} =", *map(str, result[axis])], rows))
+  return out
 
 
-def write_plot(path: str, result: dict[str, Any]) -> str | None:
-  """Two log-log panels (temp memory against N, against V); None or why
-  not."""
-  try:
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-  except ImportError:
-    return "matplotlib is not installed (pip install -e '.[bench]')"
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def write_plot(path: str, result: dict[str, Any]) -> None:
+  """Two log-log panels (temp memory against N, against V). Raises
+  :class:`bench._plumbing.Missing` without matplotlib."""
+  plt = _plumbing.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
   for ax, axis, fixed in ((axes[0], "n", f"V={result['fixed_v']}"),
                           (axes[1], "v", f"N={result['fixed_n']}")):
     for name, values in result[f"over_{axis}"].items():
-      ax.plot(result[axis], [max(b, 1) / 2**20 for b in values], marker="o",
-              label=name)
+      ax.plot(result[axis], [max(b, 1) / report.MIB for b in values],
+              marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens N" if axis == "n" else "vocabulary V")
@@ -98,8 +95,30 @@ def write_plot(path: str, result: dict[str, Any]) -> str | None:
     ax.legend(fontsize=8)
   fig.suptitle("LM-head value_and_grad: temp memory, fused vs unfused",
                fontsize=11)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return None
+  _plumbing.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """``python -m bench memory``: the sweep, its tables, JSON and chart."""
+  p = argparse.ArgumentParser(
+      prog="python -m bench memory",
+      description="XLA temp memory of the fused head's value_and_grad "
+      "against the unfused loss's and optax's, over N and V (compile only).")
+  p.add_argument("--quick", action="store_true",
+                 help="the three smallest N and V only")
+  p.add_argument("--json", metavar="PATH", help="write the sweep as JSON")
+  p.add_argument("--plot", metavar="PATH", help="write a PNG chart")
+  args = p.parse_args(argv)
+  result = sweep(quick=args.quick)
+  _plumbing.show(*tables(result))
+  if args.json:
+    _plumbing.write_json(args.json, {"machine": report.machine(),
+                                     "memory_sweep": result})
+    _plumbing.say(f"wrote {args.json}")
+  if args.plot:
+    try:
+      write_plot(args.plot, result)
+      _plumbing.say(f"wrote {args.plot}")
+    except _plumbing.Missing as e:
+      _plumbing.say(f"chart not written: {e}")
+  return result

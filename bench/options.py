@@ -1,4 +1,4 @@
-"""What each training option costs: ``python -m bench --options``.
+"""What each training option costs: ``python -m bench options``.
 
 The integer-label CE's ``value_and_grad`` of the mean, at 4096×32000
 float32 (``--quick``: 1024×1000), with one option at a time and with all
@@ -12,13 +12,14 @@ temperature, and 75% of the tokens ignored.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import jax
 import numpy as np
 
 import jsoft
-from bench import timing
+from bench import _plumbing, report, timing
 from bench.cases import Impl
 
 IGNORE = -100
@@ -109,23 +110,48 @@ def measure_head(quick: bool = False, rounds: int = 7) -> dict[str, Any]:
           "results": _against_plain(impls, rounds)}
 
 
-def _rows(results: dict[str, Any], label: str, width: int) -> list[str]:
-  lines = [f"  {label:<{width}} {'ms':>9} {'× plain':>8} {'temp MB':>9}"]
-  for name, r in results.items():
-    ratio = 1.0 if name == "plain" else r["ratio_to_jsoft"]
-    lines.append(f"  {name:<{width}} {r['median_ms']:9.1f} {ratio:8.2f} "
-                 f"{r['temp_bytes'] / 1e6:9.2f}")
-  return lines
+def _rows(results: dict[str, Any]) -> list[list[str]]:
+  return [[name, f"{r['median_ms']:.1f}",
+           "1.00" if name == "plain" else f"{r['ratio_to_jsoft']:.2f}",
+           f"{r['temp_bytes'] / report.MIB:.2f}"]
+          for name, r in results.items()]
 
 
-def table(result: dict[str, Any]) -> str:
-  lines = [f"training options: integer-label CE value_and_grad of the mean, "
-           f"{result['n']}x{result['c']} float32 (median of "
-           f"{result['rounds']} interleaved rounds)"]
-  lines += _rows(result["results"], "option", 16)
+def tables(result: dict[str, Any]) -> list[Any]:
+  """The options' table, and the fused head's when it was measured."""
+  caption = (f"median of {result['rounds']} interleaved rounds; × plain: "
+             "the median per-round ratio to the plain call")
+  out = [_plumbing.table(
+      f"training options: integer-label CE, value_and_grad of the mean, "
+      f"{result['n']}x{result['c']} float32",
+      ["option", "ms", "× plain", "temp MiB"], _rows(result["results"]),
+      caption=caption)]
   head = result.get("head")
   if head:
-    lines.append(f"fused head: linear_cross_entropy value_and_grad of the "
-                 f"mean, N={head['n']} D={head['d']} V={head['v']} float32")
-    lines += _rows(head["results"], "feature", 28)
-  return "\n".join(lines)
+    out.append(_plumbing.table(
+        f"fused head: linear_cross_entropy, value_and_grad of the mean, "
+        f"N={head['n']} D={head['d']} V={head['v']} float32",
+        ["feature", "ms", "× plain", "temp MiB"], _rows(head["results"]),
+        caption=caption))
+  return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """``python -m bench options``: both measurements, their tables, and
+  the JSON on request."""
+  p = argparse.ArgumentParser(prog="python -m bench options",
+                              description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true",
+                 help="small shapes (a smoke test, seconds)")
+  p.add_argument("--rounds", type=int, default=7,
+                 help="timed rounds (default 7)")
+  p.add_argument("--json", metavar="PATH", help="write results as JSON")
+  args = p.parse_args(argv)
+  result = measure(quick=args.quick, rounds=args.rounds)
+  result["head"] = measure_head(quick=args.quick, rounds=args.rounds)
+  _plumbing.show(*tables(result))
+  if args.json:
+    _plumbing.write_json(args.json, {"machine": report.machine(),
+                                     "options": result})
+    _plumbing.say(f"wrote {args.json}")
+  return result

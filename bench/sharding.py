@@ -1,7 +1,7 @@
-"""``python -m bench.sharding``: memory of the vocabulary-parallel head loss.
+"""``python -m bench sharding``: memory of the vocabulary-parallel head loss.
 
-Runs in its own process with 8 host CPU devices (set before JAX
-initialises) and compares, compile-only (``memory_analysis()``), the XLA
+Runs with 8 host CPU devices (set before JAX initialises its backend) and
+compares, compile-only (``memory_analysis()``), the XLA
 temp memory per device of the fused loss sharded over the vocabulary
 (``shard_map``, ``axis_name="tp"``) with the single-device unfused loss,
 for ``value_and_grad`` of the mean loss with respect to ``h`` and ``W``.
@@ -10,12 +10,12 @@ for ``value_and_grad`` of the mean loss with respect to ``h`` and ``W``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 
 import jax
+
+from bench import _plumbing
 
 DEVICES = 8
 
@@ -94,35 +94,54 @@ def collective_bytes(hlo: str) -> dict[str, dict[str, int]]:
   return out
 
 
+def use_host_devices() -> None:
+  """Asks JAX for ``DEVICES`` host CPU devices; too late once its backend
+  has started, unless it already has them."""
+  try:
+    jax.config.update("jax_num_cpu_devices", DEVICES)
+  except RuntimeError:
+    pass  # the backend is up: it must already have enough devices
+  if len(jax.devices()) < DEVICES:
+    raise SystemExit(f"the sharded head needs {DEVICES} devices, JAX has "
+                     f"{len(jax.devices())}: run python -m bench sharding in "
+                     "a fresh process")
+
+
+def table(result: dict) -> object:
+  mib = 2.0**20
+  rows = [
+      ["XLA temp per device, fused, sharded over the vocabulary",
+       f"{result['sharded_fused_temp_bytes_per_device'] / mib:.2f}"],
+      ["XLA temp, one device, unfused",
+       f"{result['single_device_unfused_temp_bytes'] / mib:.2f}"],
+      *([f"{kind} ({entry['ops']} ops), per device per step",
+         f"{entry['bytes'] / mib:.3f}"]
+        for kind, entry in result["collectives"].items()),
+      ["the logits (never sent)", f"{result['logits_bytes'] / mib:.0f}"],
+      ["the weight W (never sent)", f"{result['weight_bytes'] / mib:.0f}"],
+  ]
+  return _plumbing.table(
+      f"vocabulary-parallel fused head, N={result['n']} D={result['d']} "
+      f"V={result['v']} over {result['devices']} CPU devices "
+      f"({result['loop']} loop)", ["", "MiB"], rows,
+      caption=f"per-device temp ÷ unfused temp: {result['ratio']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m bench.sharding",
+  p = argparse.ArgumentParser(prog="python -m bench sharding",
                               description=__doc__.splitlines()[0])
   p.add_argument("--json", metavar="PATH", help="write the result as JSON")
   p.add_argument("--chunk", type=int, default=None,
                  help="tile size (default: jsoft's own choice)")
   args = p.parse_args(argv)
+  use_host_devices()
   result = measure(chunk=args.chunk)
-  mib = 2.0**20
-  print(f"vocabulary-parallel fused head, N={result['n']} D={result['d']} "
-        f"V={result['v']} over {DEVICES} CPU devices ({result['loop']} loop)")
-  print(f"  per-device XLA temp, sharded fused:  "
-        f"{result['sharded_fused_temp_bytes_per_device'] / mib:8.2f} MiB")
-  print(f"  XLA temp, one device, unfused:       "
-        f"{result['single_device_unfused_temp_bytes'] / mib:8.2f} MiB")
-  print(f"  ratio {result['ratio']:.4f}")
-  for kind, entry in result["collectives"].items():
-    print(f"  {kind}: {entry['ops']} ops, {entry['bytes'] / mib:.3f} MiB per "
-          "device per step")
-  print(f"  (the logits: {result['logits_bytes'] / mib:.0f} MiB; W: "
-        f"{result['weight_bytes'] / mib:.0f} MiB)")
+  _plumbing.show(table(result))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-      f.write("\n")
+    _plumbing.write_json(args.json, result)
+    _plumbing.say(f"wrote {args.json}")
   return result
 
 
-if __name__ == "__main__":
-  jax.config.update("jax_num_cpu_devices", DEVICES)
+if __name__ == "__main__":  # the old entry point: python -m bench sharding
   main()

@@ -1,18 +1,20 @@
 """Measurement: compile time, steady-state time, pairwise ratios, memory.
 
 Every implementation of a case is compiled and warmed up outside the timed
-loop, and every timed call waits for its result (``block_until_ready``).
+samples, and every timed call waits for its result (``block_until_ready``).
 Steady-state times come from ``rounds`` rounds; each round runs every
 implementation once, in an order that rotates from round to round, so drift
 on a shared machine hits all of them alike. The ratio of a peer to jsoft is
 the median over rounds of the per-round ratio (interleaved, pairwise), not a
-ratio of medians. Calls much shorter than ``min_sample_s`` are repeated
-within a sample and averaged, so dispatch-sized cases are not timer noise.
+ratio of medians. A sample repeats a call as often as it takes to last at
+least ``min_sample_s`` (the count from ``timeit.Timer.autorange``), so
+dispatch-sized cases are not timer noise.
 """
 
 from __future__ import annotations
 
 import time
+import timeit
 from collections.abc import Callable
 from typing import Any
 
@@ -21,17 +23,19 @@ import numpy as np
 from bench.cases import Impl, finite
 
 
-def _time(fn: Callable[[], Any], repeat: int) -> float:
-  start = time.perf_counter()
-  for _ in range(repeat):
-    fn()
-  return (time.perf_counter() - start) / repeat
+def calibrated(fn: Callable[[], Any], min_sample_s: float) -> tuple[
+    timeit.Timer, int]:
+  """A timer for ``fn`` and the calls per sample that make a sample last at
+  least ``min_sample_s``.
 
-
-def _repeats(fn: Callable[[], Any], min_sample_s: float) -> int:
-  """Calls per sample so that a sample lasts about ``min_sample_s``."""
-  once = _time(fn, 1)
-  return max(1, min(10_000, int(min_sample_s / max(once, 1e-7))))
+  ``Timer.autorange`` grows the count (1, 2, 5, 10, 20, ...) until the calls
+  take 0.2 s by the timer's clock; timed on a clock that runs
+  ``0.2 / min_sample_s`` times fast, it stops at ``min_sample_s``.
+  """
+  fast = 0.2 / min_sample_s
+  number, _ = timeit.Timer(
+      fn, timer=lambda: time.perf_counter() * fast).autorange()
+  return timeit.Timer(fn), number
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -58,35 +62,40 @@ def compile_and_memory(impl: Impl) -> dict[str, Any]:
   return out
 
 
+def _median_ratio(num: list[float], den: list[float]) -> float:
+  return float(np.median(np.asarray(num) / np.asarray(den)))
+
+
 def measure(impls: dict[str, Impl], rounds: int, min_sample_s: float,
             eager_samples: int) -> dict[str, dict[str, Any]]:
   """Times every implementation of one case (``floor`` included)."""
   results = {peer: compile_and_memory(impl) for peer, impl in impls.items()}
-  repeats = {}
-  for peer, impl in impls.items():
-    impl.call()  # warm up (and compile for the call path)
-    repeats[peer] = _repeats(impl.call, min_sample_s)
+  # The calibration's calls (1, 2, 5, ... of them) also warm each
+  # implementation up: none of them is a sample.
+  timers = {peer: calibrated(impl.call, min_sample_s)
+            for peer, impl in impls.items()}
   order = list(impls)
   times: dict[str, list[float]] = {peer: [] for peer in order}
   for r in range(rounds):
     k = r % len(order)
     for peer in order[k:] + order[:k]:
-      times[peer].append(_time(impls[peer].call, repeats[peer]))
+      timer, number = timers[peer]
+      times[peer].append(timer.timeit(number) / number)
   for peer in order:
     results[peer].update(_stats(times[peer]))
-    results[peer]["calls_per_sample"] = repeats[peer]
+    results[peer]["calls_per_sample"] = timers[peer][1]
     if "jsoft" in times and peer != "jsoft":
-      ratios = np.asarray(times[peer]) / np.asarray(times["jsoft"])
-      results[peer]["ratio_to_jsoft"] = float(np.median(ratios))
+      results[peer]["ratio_to_jsoft"] = _median_ratio(times[peer],
+                                                      times["jsoft"])
     if "floor" in times and peer != "floor":
-      ratios = np.asarray(times[peer]) / np.asarray(times["floor"])
-      results[peer]["ratio_to_floor"] = float(np.median(ratios))
+      results[peer]["ratio_to_floor"] = _median_ratio(times[peer],
+                                                      times["floor"])
   for peer, impl in impls.items():
     if impl.eager is not None and eager_samples:
       impl.eager()  # first eager call traces and compiles op by op
-      reps = _repeats(impl.eager, min_sample_s)
-      samples = [_time(impl.eager, reps) for _ in range(eager_samples)]
-      results[peer]["eager_ms"] = float(np.median(samples) * 1e3)
+      timer, number = calibrated(impl.eager, min_sample_s)
+      samples = timer.repeat(eager_samples, number)
+      results[peer]["eager_ms"] = float(np.median(samples) / number * 1e3)
     if impl.extreme is not None:
       try:
         results[peer]["finite_on_extremes"] = finite(impl.extreme())

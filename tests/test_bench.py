@@ -8,17 +8,18 @@ import json
 
 import pytest
 
-from bench import cli, memory, options
+from bench import _plumbing, cases, cli, memory, options, report, timing
 from bench.peers import FNS, HEADS
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
-  payload = cli.main(["--shapes", "tiny", "--lm-head", "tiny", "--lce", "tiny",
-                      "--dtype",
-                      "float32", "--rounds", "2", "--json",
-                      str(out / "r.json"), "--plot", str(out / "r.png")])
+  # --quick's short samples, on the tiny shapes.
+  payload = cli.main(["--quick", "--shapes", "tiny", "--lm-head", "tiny",
+                      "--lce", "tiny", "--dtype", "float32", "--rounds", "2",
+                      "--json", str(out / "r.json"), "--plot",
+                      str(out / "r.png")])
   return payload, out
 
 
@@ -86,6 +87,95 @@ def test_only_and_bad_arguments(capsys):
     cli.main(["--shapes", "huge"])
   with pytest.raises(SystemExit, match="no case matches"):
     cli.main(["--shapes", "tiny", "--only", "nothing"])
+  with pytest.raises(SystemExit):  # flags belong after the command
+    cli.main(["--quick", "options"])
+
+
+def test_default_run_is_the_representative_set():
+  args = cli.parser().parse_args([])
+  selected, config = cli.select(args)
+  names = [c.name for c in selected]
+  assert config["preset"] == "default"
+  for name in ("ce_int_4096x32000_float32_fwd", "ce_int_4096x32000_float32_vg",
+               "softmax_4096x32000_float32_fwd", "ce_prob_1024x1000_float32_vg",
+               "bce_1024x1000_float32_vg", "ce_opts_1024x1000_float32_vg",
+               "lm_head_2048x256x32000_float32_vg", "ce_int_8x10_float32_fwd",
+               "ce_int_8x10_float32_vg"):
+    assert name in names
+  assert any(c.fn == "lce" for c in selected)
+  assert len(names) < 20  # a few minutes, not the hour of --full
+  # Only the 8x10 cases run the naive formulas, the eager call and the
+  # overflow check.
+  assert config["detail_shapes"] == ["small"]
+  assert set(config["skip"]) == {"naive-jnp", "naive-numpy"}
+  # --full is the whole grid; the grid flags pick from it.
+  full, config = cli.select(cli.parser().parse_args(["--full"]))
+  assert config["preset"] == "full"
+  assert len(full) == len(cases.make_cases(
+      FNS, ["small", "medium", "large"], ["float32", "bfloat16"], "full",
+      "full"))
+  _, config = cli.select(cli.parser().parse_args(["--shapes", "tiny"]))
+  assert config["preset"] == "full"
+
+
+def test_default_run_details_only_small_shapes():
+  _, config = cli.select(cli.parser().parse_args(["--rounds", "1"]))
+  available = cli.peers_available()
+  tiny = cli.run_case(cases.Case("ce_int", (4, 5), "float32", "fwd"),
+                      available, config)  # not a detail shape
+  assert {"naive-jnp", "naive-numpy"} <= set(tiny["missing"])
+  assert "eager_ms" not in tiny["results"]["jsoft"]
+  assert "finite_on_extremes" not in tiny["results"]["jsoft"]
+  small = cli.run_case(cases.Case("ce_int", (8, 10), "float32", "fwd"),
+                       available, config)
+  assert small["results"]["naive-jnp"]["finite_on_extremes"] is False
+  assert small["results"]["jsoft"]["finite_on_extremes"] is True
+  assert small["results"]["jsoft"]["eager_ms"] > 0
+
+
+def test_calibrated_sample_lasts_the_minimum(monkeypatch):
+  # A call that takes exactly 1 ms on a fake clock: autorange tries 1, 2, 5,
+  # 10 calls; 10 are the first to last 10 ms.
+  now = [0.0]
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+  def call():
+    now[0] += 1e-3
+
+  _, number = timing.calibrated(call, 0.01)
+  assert number == 10
+  _, number = timing.calibrated(call, 0.0005)  # one call is long enough
+  assert number == 1
+
+
+def test_table_helper_prints_every_cell(capsys):
+  _plumbing.show(_plumbing.table("title", ["name", "value"],
+                                 [["a", "1.5"], None, ["b", None]],
+                                 caption="the caption"))
+  out = capsys.readouterr().out
+  for text in ("title", "name", "value", "a", "1.5", "b", "—", "the caption"):
+    assert text in out
+
+
+def test_missing_dependency_names_the_extra():
+  with pytest.raises(_plumbing.Missing, match=r"\.\[bench\]"):
+    _plumbing.optional("matplotlib_that_does_not_exist")
+  assert _plumbing.why_missing("json") is None
+
+
+def test_plot_command_redraws_a_saved_run(run, tmp_path):
+  _, out = run
+  cli.main(["plot", str(out / "r.json"), str(tmp_path / "again.png")])
+  assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_has_no_goals(run, capsys):
+  payload, _ = run
+  assert "targets" not in payload
+  _plumbing.show(report.results_table(payload["cases"], 2))
+  out = capsys.readouterr().out
+  assert "peer ÷ jsoft" in out and "÷ floor" in out and "temp MiB" in out
+  assert "goal" not in out and "MISS" not in out
 
 
 def test_fused_head_case_compares_with_the_unfused(run):
@@ -95,22 +185,24 @@ def test_fused_head_case_compares_with_the_unfused(run):
   assert lce["max_rel_diff"] < 1e-5
 
 
-def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch):
+def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(memory, "SWEEP_N", (8, 16, 32))
   monkeypatch.setattr(memory, "SWEEP_V", (8, 16, 32))
   monkeypatch.setattr(memory, "FIXED_N", 16)
   monkeypatch.setattr(memory, "FIXED_V", 16)
   monkeypatch.setattr(memory, "D", 4)
-  result = memory.sweep(quick=True)
+  result = cli.main(["memory", "--quick", "--json", str(tmp_path / "m.json"),
+                     "--plot", str(tmp_path / "m.png")])
   assert set(result["over_n"]) >= {"jsoft fused", "jsoft unfused", "optax"}
   assert all(len(v) == 3 for v in result["over_v"].values())
-  assert "jsoft fused" in memory.table(result)
-  assert memory.write_plot(str(tmp_path / "m.png"), result) is None
+  assert "jsoft fused" in capsys.readouterr().out
+  saved = json.loads((tmp_path / "m.json").read_text())
+  assert saved["memory_sweep"]["n"] == [8, 16, 32]
   assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_options_table(tmp_path, capsys):
-  result = cli.main(["--options", "--quick", "--rounds", "1", "--json",
+  result = cli.main(["options", "--quick", "--rounds", "1", "--json",
                      str(tmp_path / "o.json")])
   assert set(result["results"]) == set(options.OPTIONS)
   out = capsys.readouterr().out

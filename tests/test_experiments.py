@@ -1,4 +1,4 @@
-"""Smoke test: ``python -m bench.experiments --quick`` end to end.
+"""Smoke test: ``python -m bench experiments --quick`` end to end.
 
 Trains both models with both losses on the digits (under a minute) and
 checks what the experiment claims: the same loss curves, held-out accuracy
@@ -16,7 +16,7 @@ pytest.importorskip("sklearn", reason="the experiments need scikit-learn: "
 pytest.importorskip("equinox", reason="the experiments need Equinox: "
                     "python -m pip install -e \".[experiments]\"")
 
-from bench import experiments  # noqa: E402
+from bench import cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def run(tmp_path_factory):
   # Users run with JAX's default promotion (optax mixes Python floats and
   # int32 counters, which the suite's strict mode rejects).
   with jax.numpy_dtype_promotion("standard"):
-    result = experiments.main(["--quick", "--json", str(out / "e.json"),
-                               "--plot", str(out / "e.png")])
+    result = cli.main(["experiments", "--quick", "--json",
+                       str(out / "e.json"), "--plot", str(out / "e.png")])
   return result, out
 
 
