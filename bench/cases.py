@@ -35,6 +35,12 @@ LCE = {
     "quick": (1024, 128, 8192),
     "full": (8192, 256, 32768),
 }
+# Distillation between two heads (N, D, V), both D wide; float32 only.
+DISTILL = {
+    "tiny": (6, 3, 5),
+    "quick": (1024, 128, 8192),
+    "full": (4096, 256, 32768),
+}
 DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "vg")
 
@@ -53,7 +59,7 @@ class Case:
 
   @property
   def shape_label(self) -> str:
-    if self.fn in ("lm_head", "lce"):
+    if self.fn in peers.HEADS:
       return self.fn
     return next((k for k, v in SHAPES.items() if v == self.dims), "custom")
 
@@ -71,6 +77,8 @@ def make_cases(fns, shapes, dtypes, lm_head: str | None,
       out.append(Case("lm_head", LM_HEAD[lm_head], dtype, "vg"))
   if "lce" in fns and lce is not None:
     out.append(Case("lce", LCE[lce], "float32", "vg"))
+  if "distill" in fns and lce is not None:  # sized with the fused head
+    out.append(Case("distill", DISTILL[lce], "float32", "vg"))
   return out
 
 
@@ -90,6 +98,7 @@ def default_cases() -> list[Case]:
       Case("ce_opts", medium, "float32", "vg"),
       Case("lm_head", LM_HEAD["full"], "float32", "vg"),
       Case("lce", LCE["quick"], "float32", "vg"),
+      Case("distill", DISTILL["quick"], "float32", "vg"),
       Case("ce_int", small, "float32", "fwd"),
       Case("ce_int", small, "float32", "vg"),
       Case("ce_prob", small, "float32", "fwd"),
@@ -114,6 +123,8 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
     n, d, v = case.dims
     h = normal((n, d), 1.0)
     w = normal((d, v), scale / np.sqrt(d))
+    if case.fn == "distill":  # a teacher head of the same sizes
+      return h, w, normal((n, d), 1.0), normal((d, v), scale / np.sqrt(d))
     return h, w, rng.integers(0, v, size=n).astype(np.int32)
   n, c = case.dims
   x = normal((n, c), 3 * scale)
@@ -134,6 +145,8 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
 
 def _float_inputs(case: Case) -> tuple[int, ...]:
   """Which inputs carry the case dtype (the rest stay float32/int32)."""
+  if case.fn == "distill":
+    return (0, 1, 2, 3)
   if case.fn in peers.HEADS:
     return (0, 1)
   if case.fn in ("ce_prob", "bce"):
@@ -276,7 +289,7 @@ def build(case: Case, available: dict[str, str | None],
           peer, lambda j=jitted, a=args: _block(j(*a)), jitted, args,
           # (The fused head's eager call is no different from its jitted
           # one: not timed.)
-          eager=None if case.fn == "lce" else (
+          eager=None if case.fn in ("lce", "distill") else (
               lambda e=eager, a=args: _block(e(*a))),
           extreme=(lambda j=jitted, a=xargs: _block(j(*a))) if extremes
           else None)

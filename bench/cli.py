@@ -172,7 +172,7 @@ def run_case(case: cases_mod.Case, available: dict[str, str | None],
          "dtype": case.dtype, "mode": case.mode,
          "shape_label": case.shape_label, "results": results,
          "missing": missing}
-  if case.fn == "lce" and "jsoft-plain" in impls:
+  if case.fn in ("lce", "distill") and "jsoft-plain" in impls:
     out["max_rel_diff"] = _agreement(impls["jsoft"], impls["jsoft-plain"])
   out["seconds"] = round(time.perf_counter() - start, 1)
   return out

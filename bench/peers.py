@@ -15,6 +15,8 @@ ce_opts        x [N, C], y [N]     integer-label CE with training options
 bce            x [N, C], t [N, C]  element-wise sigmoid binary CE
 lm_head        h [N, D], W [D, V], y [N]   mean CE of ``h @ W`` (a step)
 lce            h [N, D], W [D, V], y [N]   the same, fused vs unfused
+distill        h, W, h_t, W_t      mean forward KL of a teacher head's
+                                   softmax from a student head's
 =============  ==================  =========================================
 
 ``ce_opts`` is the loss of a language-model trainer: ``OPTIONS`` (targets
@@ -27,6 +29,11 @@ inputs, to show what the options cost.
 ``lce`` is the LM-head step with gradients for both ``h`` and ``W``: jsoft
 runs :func:`jsoft.linear_cross_entropy` (fused: no ``[N, V]`` logits), and
 ``jsoft-plain``, optax and torch the unfused ``CE(h @ W)``.
+
+``distill`` is a distillation step with gradients for the student's ``h``
+and ``W``: jsoft runs :func:`jsoft.linear_distillation_loss` (both heads
+fused), ``jsoft-plain`` :func:`jsoft.distillation_loss` of the two heads'
+logits, optax its ``kl_divergence`` of their (log-)softmaxes.
 
 Mode ``fwd`` computes the output; mode ``vg`` computes a scalar and its
 gradient: ``Σ out·ct`` for the activations (``ct`` a fixed random cotangent,
@@ -54,12 +61,12 @@ import jsoft
 
 ACTIVATIONS = ("softmax", "log_softmax", "logsumexp", "sigmoid")
 LOSSES = ("ce_int", "ce_prob", "bce", "ce_opts")
-HEADS = ("lm_head", "lce")
+HEADS = ("lm_head", "lce", "distill")
 FNS = ACTIVATIONS + LOSSES + HEADS
 PEERS = ("jsoft", "jsoft-plain", "jax.nn", "optax", "naive-jnp",
          "naive-numpy", "torch")
 # Peers that exist only for some functions (absent elsewhere, unreported).
-ONLY_FOR = {"jsoft-plain": ("ce_opts", "lce")}
+ONLY_FOR = {"jsoft-plain": ("ce_opts", "lce", "distill")}
 
 IGNORE = -100
 OPTIONS = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4,
@@ -180,10 +187,29 @@ def _fused_head_loss(peer: str) -> Callable[..., jax.Array] | None:
   return None
 
 
+def _distill_loss(peer: str) -> Callable[..., jax.Array] | None:
+  if peer == "jsoft":
+    return lambda hs, ws, ht, wt: jsoft.linear_distillation_loss(
+        hs, ws, ht, wt, reduction="mean")
+  if peer == "jsoft-plain":
+    return lambda hs, ws, ht, wt: jsoft.distillation_loss(
+        hs @ ws, ht @ wt, reduction="mean")
+  if peer == "optax":
+    import optax  # noqa: PLC0415
+
+    def loss(hs, ws, ht, wt):
+      teacher = jax.lax.stop_gradient(ht @ wt)
+      return jnp.mean(optax.losses.kl_divergence(
+          jax.nn.log_softmax(hs @ ws), jax.nn.softmax(teacher)))
+
+    return loss
+  return None
+
+
 def jax_impl(peer: str, fn: str, mode: str) -> Callable[..., Any] | None:
   """The jitted case function of a JAX peer, or None if it has none."""
-  if fn == "lce":
-    loss = _fused_head_loss(peer)
+  if fn in ("lce", "distill"):
+    loss = (_fused_head_loss if fn == "lce" else _distill_loss)(peer)
     if loss is None or mode != "vg":
       return None
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -220,7 +246,7 @@ def _np_sigmoid(x):
 
 def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
   """The seed post's NumPy formulas, with the hand-derived gradients."""
-  if fn in ("ce_opts", "lce"):
+  if fn in ("ce_opts", "lce", "distill"):
     return None
 
   def onehot_minus(p, y):
@@ -299,6 +325,8 @@ def torch_impl(fn: str, mode: str) -> Callable[..., Any] | None:
       return loss, torch.autograd.grad(loss, w)[0]
 
     return step
+  if fn == "distill":
+    return None
   if fn == "lce":
     if mode != "vg":
       return None

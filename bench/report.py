@@ -127,7 +127,7 @@ STYLE = {
     "torch": ("X", "tab:orange"),
 }
 LEGEND = {
-    "jsoft-plain": "jsoft-plain (no options; lce: unfused)",
+    "jsoft-plain": "jsoft-plain (no options; lce, distill: unfused)",
     "naive-jnp": "naive formulas, jnp",
     "naive-numpy": "naive formulas, NumPy",
     "torch": "PyTorch",

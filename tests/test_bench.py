@@ -32,6 +32,7 @@ def test_every_case_runs(run):
   assert "ce_opts_4x5_float32_vg" in names
   assert "lm_head_4x3x5_float32_vg" in names
   assert "lce_6x3x5_float32_vg" in names
+  assert "distill_6x3x5_float32_vg" in names
 
 
 def test_metrics_per_implementation(run):
@@ -40,7 +41,7 @@ def test_metrics_per_implementation(run):
     jsoft, floor = case["results"]["jsoft"], case["results"]["floor"]
     keys = ["median_ms", "p25_ms", "p75_ms", "compile_ms", "temp_bytes",
             "output_bytes", "ratio_to_floor"]
-    if case["fn"] != "lce":  # the fused head's eager call is not timed
+    if case["fn"] not in ("lce", "distill"):  # fused: no eager timing
       keys.append("eager_ms")
     for key in keys:
       assert key in jsoft, (case["name"], key)
@@ -183,6 +184,9 @@ def test_fused_head_case_compares_with_the_unfused(run):
   lce = next(c for c in payload["cases"] if c["fn"] == "lce")
   assert {"jsoft", "jsoft-plain", "optax"} <= set(lce["results"])
   assert lce["max_rel_diff"] < 1e-5
+  distill = next(c for c in payload["cases"] if c["fn"] == "distill")
+  assert {"jsoft", "jsoft-plain", "optax"} <= set(distill["results"])
+  assert distill["max_rel_diff"] < 1e-5
 
 
 def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch, capsys):
