@@ -3,16 +3,20 @@
 On scikit-learn's bundled digits (1797 8×8 images, 10 classes; no
 download), with optax's Adam:
 
-* a softmax regression (plain JAX) and a one-hidden-layer MLP (Equinox),
-  each trained twice from the same initialisation — once with jsoft's
-  loss, once with optax's — to show the same loss curve, the held-out
-  accuracy, and the step time of each;
+* a softmax regression (plain JAX) and a one-hidden-layer MLP (Equinox,
+  and the same MLP in Flax NNX: :mod:`bench.flax_models`), each trained
+  twice from the same initialisation — once with jsoft's loss, once with
+  optax's — to show the same loss curve, the held-out accuracy, and the
+  step time of each;
 * curvature: the Hessian of the softmax regression's mean CE, through
   jsoft's VJP rule (``jax.hessian``), against the closed form
   ``(1/N) Σ (diag p − p pᵀ) ⊗ x xᵀ`` in float64 NumPy, with its top
   eigenvalues; and Hessian-vector products through the MLP, against the
   textbook loss (``jax.nn.log_softmax``) differentiated by JAX, with the
-  top eigenvalue by power iteration.
+  top eigenvalue by power iteration;
+* a character-level transformer LM (Flax NNX) whose head is
+  ``jsoft.linear_cross_entropy``, against optax's loss on materialised
+  logits (:mod:`bench.lm`).
 
 Writes a table to stdout and, on request, JSON and a PNG (loss curves,
 accuracy, step time).
@@ -218,6 +222,7 @@ def mlp_hvp(params, apply, data, iterations: int) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+  from bench import flax_models, lm  # noqa: PLC0415
   cfg = QUICK if quick else FULL
   data = digits()
   out: dict[str, Any] = {"config": cfg, "models": {}}
@@ -233,6 +238,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         **{loss: {k: r[k] for k in ("curve", "accuracy", "step_ms")}
            for loss, r in runs.items()}}
     trained[name] = runs["jsoft"]
+  out["models"]["MLP (Flax NNX)"] = flax_models.digits_mlp(
+      data, cfg["steps_mlp"], cfg["timing_steps"])
   reg = trained["softmax regression"]
   with jax.enable_x64(True):
     params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
@@ -241,6 +248,7 @@ def run(quick: bool = False) -> dict[str, Any]:
   mlp = trained["MLP (Equinox)"]
   out["mlp_hvp"] = mlp_hvp(mlp["params"], mlp["apply"], data,
                            cfg["power_iterations"])
+  out["lm"] = lm.run(quick)
   return out
 
 
@@ -266,6 +274,8 @@ def table(result: dict[str, Any]) -> str:
                f"{v['max_rel_error_float32']:.2e} in float32 (textbook loss "
                f"in float32: {v['textbook_float32_max_rel_error']:.2e}); top "
                f"eigenvalue (power iteration) {v['top_eigenvalue']:.4f}")
+  from bench import lm  # noqa: PLC0415
+  lines.append(lm.table(result["lm"]))
   return "\n".join(lines)
 
 
@@ -315,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="fewer steps: under a minute on 2 CPU cores")
   p.add_argument("--json", metavar="PATH", help="write results as JSON")
   p.add_argument("--plot", metavar="PATH", help="write a PNG")
+  p.add_argument("--lm-plot", metavar="PATH",
+                 help="write the language model's PNG")
   args = p.parse_args(argv)
   result = run(quick=args.quick)
   print(table(result))
@@ -327,6 +339,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.plot:
     why = write_plot(args.plot, result)
     print(f"plot not written: {why}" if why else f"wrote {args.plot}")
+  if args.lm_plot:
+    from bench import lm  # noqa: PLC0415
+    why = lm.write_plot(args.lm_plot, result["lm"])
+    print(f"plot not written: {why}" if why else f"wrote {args.lm_plot}")
   return result
 
 
