@@ -309,7 +309,7 @@ def write_plot(path: str, result: dict[str, Any]) -> str | None:
     ax.set_xticks(xs)
     ax.set_xticklabels(names, fontsize=8)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
   ax_acc.set_ylim(0.8, 1.0)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
