@@ -44,7 +44,10 @@ COMMANDS = {
     "sharding": ("bench.sharding", "the vocabulary-parallel head on 8 host "
                  "CPU devices: memory and collectives (compile only)"),
     "experiments": ("bench.experiments", "jsoft inside real models "
-                    "(digits): loss curves, accuracy, curvature"),
+                    "(digits, a language model): loss curves, accuracy, "
+                    "curvature, distillation"),
+    "lm": ("bench.lm", "the character language model alone (Flax NNX): "
+           "the fused head against optax's loss"),
     "plot": ("bench.report", "draw the chart of a saved --json result"),
 }
 

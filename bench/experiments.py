@@ -3,16 +3,20 @@
 On scikit-learn's bundled digits (1797 8×8 images, 10 classes; no
 download), with optax's Adam:
 
-* a softmax regression (plain JAX) and a one-hidden-layer MLP (Equinox),
-  each trained twice from the same initialisation — once with jsoft's
-  loss, once with optax's — to show the same loss curve, the held-out
-  accuracy, and the step time of each;
+* a softmax regression (plain JAX) and a one-hidden-layer MLP (Equinox,
+  and the same MLP in Flax NNX: :mod:`bench.flax_models`), each trained
+  twice from the same initialisation — once with jsoft's loss, once with
+  optax's — to show the same loss curve, the held-out accuracy, and the
+  step time of each;
 * curvature: the Hessian of the softmax regression's mean CE, through
   jsoft's VJP rule (``jax.hessian``), against the closed form
   ``(1/N) Σ (diag p − p pᵀ) ⊗ x xᵀ`` in float64 NumPy, with its top
   eigenvalues; and Hessian-vector products through the MLP, against the
   textbook loss (``jax.nn.log_softmax``) differentiated by JAX, with the
-  top eigenvalue by power iteration.
+  top eigenvalue by power iteration;
+* a character-level transformer LM (Flax NNX) whose head is
+  ``jsoft.linear_cross_entropy``, against optax's loss on materialised
+  logits (:mod:`bench.lm`).
 
 Writes a table to stdout and, on request, JSON and a PNG (loss curves,
 accuracy, step time).
@@ -27,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.console import Group
+from rich.text import Text
 
 import jsoft
 from bench import _plumbing
@@ -273,6 +279,7 @@ def mlp_hvp(params, apply, data, iterations: int) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+  from bench import flax_models, lm  # noqa: PLC0415
   cfg = QUICK if quick else FULL
   data = digits()
   out: dict[str, Any] = {"config": cfg, "models": {}}
@@ -288,6 +295,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         **{loss: {k: r[k] for k in ("curve", "accuracy", "step_ms")}
            for loss, r in runs.items()}}
     trained[name] = runs["jsoft"]
+  out["models"]["MLP (Flax NNX)"] = flax_models.digits_mlp(
+      data, cfg["steps_mlp"], cfg["timing_steps"])
   reg = trained["softmax regression"]
   with jax.enable_x64(True):
     params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
@@ -298,6 +307,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                            cfg["power_iterations"])
   out["distillation"] = distill_student(mlp["params"], data,
                                         cfg["steps_regression"])
+  out["lm"] = lm.run(quick)
   return out
 
 
@@ -328,10 +338,12 @@ def table(result: dict[str, Any]) -> Any:
       f"{k['distilled']:.3f} distilled from the MLP (teacher "
       f"{k['teacher_accuracy']:.3f}; fused linear_distillation_loss, "
       f"T={k['temperature']:g}, alpha={k['alpha']:g})")
-  return _plumbing.table(
+  from bench import lm  # noqa: PLC0415
+  digits_table = _plumbing.table(
       "digits (1437 train / 360 test), full-batch Adam, float32",
       ["model", "loss", "final loss", "test acc", "step ms",
        "curves differ by"], rows, left=2, caption=caption)
+  return Group(digits_table, Text(""), lm.table(result["lm"]))
 
 
 def write_plot(path: str, result: dict[str, Any]) -> None:
@@ -361,7 +373,7 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels(names, fontsize=8)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
   ax_acc.set_ylim(0.8, 1.0)
   fig.tight_layout()
   _plumbing.save_figure(fig, path)
@@ -374,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="fewer steps: under a minute on 2 CPU cores")
   p.add_argument("--json", metavar="PATH", help="write results as JSON")
   p.add_argument("--plot", metavar="PATH", help="write a PNG")
+  p.add_argument("--lm-plot", metavar="PATH",
+                 help="write the language model's PNG")
   args = p.parse_args(argv)
   result = run(quick=args.quick)
   _plumbing.show(table(result))
@@ -384,6 +398,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
       write_plot(args.plot, result)
       _plumbing.say(f"wrote {args.plot}")
+    except _plumbing.Missing as e:
+      _plumbing.say(f"chart not written: {e}")
+  if args.lm_plot:
+    from bench import lm  # noqa: PLC0415
+    try:
+      lm.write_plot(args.lm_plot, result["lm"])
+      _plumbing.say(f"wrote {args.lm_plot}")
     except _plumbing.Missing as e:
       _plumbing.say(f"chart not written: {e}")
   return result
