@@ -25,10 +25,12 @@ from typing import Any
 import jax
 from jax import lax
 
+from jsoft import _compat
+
 
 def num_shards(axis_name: Any) -> int:
   """How many blocks the classes are split into (1 without sharding)."""
-  return 1 if axis_name is None else lax.axis_size(axis_name)
+  return 1 if axis_name is None else _compat.axis_size(axis_name)
 
 
 def first_class(axis_name: Any, width: int) -> Any:
@@ -54,7 +56,7 @@ def psum(tree: Any, axis_name: Any) -> Any:
 def varying_axes(x: Any) -> set:
   """The ``shard_map`` mesh axes ``x`` varies over (empty outside, or where
   JAX does not track them)."""
-  aval = jax.typeof(x)
+  aval = _compat.typeof(x)
   mat = getattr(aval, "mat", None)  # manual-axis type, where JAX has it
   if mat is not None:
     return set(mat.varying)
@@ -89,4 +91,4 @@ def varying_like(x: jax.Array, *like: Any) -> jax.Array:
   axes -= varying_axes(x)
   if not axes:
     return x
-  return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying")
+  return _compat.pcast_varying(x, tuple(sorted(axes, key=str)))
