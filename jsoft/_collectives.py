@@ -39,7 +39,12 @@ def first_class(axis_name: Any, width: int) -> Any:
 
 
 def pmax(x: jax.Array, axis_name: Any) -> jax.Array:
-  return x if axis_name is None else lax.pmax(x, axis_name)
+  """The max over devices, without a gradient (``lax.pmax`` has no
+  differentiation rule, which jax 0.6 and older ask for even where the
+  tangent goes unused)."""
+  if axis_name is None:
+    return x
+  return lax.pmax(lax.stop_gradient(x), axis_name)
 
 
 def pmin(x: jax.Array, axis_name: Any) -> jax.Array:
