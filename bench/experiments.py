@@ -36,6 +36,7 @@ from rich.text import Text
 
 import jsoft
 from bench import _plumbing
+from jsoft import _compat
 
 QUICK = {"steps_regression": 150, "steps_mlp": 300, "timing_steps": 20,
          "power_iterations": 15}
@@ -251,7 +252,7 @@ def mlp_hvp(params, apply, data, iterations: int) -> dict[str, Any]:
 
   flat, hvp32 = hvp_fn(params, _jsoft_ce, jnp.float32)
   v = np.asarray(jax.random.normal(jax.random.key(1), flat.shape), np.float64)
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     _, ref64 = hvp_fn(params, textbook, jnp.float64)
     _, jsoft64 = hvp_fn(params, _jsoft_ce, jnp.float64)
     ref = np.asarray(ref64(jnp.asarray(v)))
@@ -298,7 +299,7 @@ def run(quick: bool = False) -> dict[str, Any]:
   out["models"]["MLP (Flax NNX)"] = flax_models.digits_mlp(
       data, cfg["steps_mlp"], cfg["timing_steps"])
   reg = trained["softmax regression"]
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
                             reg["params"])
     out["regression_hessian"] = regression_hessian(params64, data)

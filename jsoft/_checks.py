@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsoft import _compat
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Part of JAX's jit cache key: a function traced without value checks is
 # traced again (with them) inside ``checked``, and the other way round.
-_VALUE_CHECKS = jax.make_user_context(False)
+_VALUE_CHECKS = _compat.make_user_context(False)
 
 
 def asarray(x: Any) -> Any:

@@ -25,10 +25,12 @@ from typing import Any
 import jax
 from jax import lax
 
+from jsoft import _compat
+
 
 def num_shards(axis_name: Any) -> int:
   """How many blocks the classes are split into (1 without sharding)."""
-  return 1 if axis_name is None else lax.axis_size(axis_name)
+  return 1 if axis_name is None else _compat.axis_size(axis_name)
 
 
 def first_class(axis_name: Any, width: int) -> Any:
@@ -37,7 +39,12 @@ def first_class(axis_name: Any, width: int) -> Any:
 
 
 def pmax(x: jax.Array, axis_name: Any) -> jax.Array:
-  return x if axis_name is None else lax.pmax(x, axis_name)
+  """The max over devices, without a gradient (``lax.pmax`` has no
+  differentiation rule, which jax 0.6 and older ask for even where the
+  tangent goes unused)."""
+  if axis_name is None:
+    return x
+  return lax.pmax(lax.stop_gradient(x), axis_name)
 
 
 def pmin(x: jax.Array, axis_name: Any) -> jax.Array:
@@ -54,7 +61,7 @@ def psum(tree: Any, axis_name: Any) -> Any:
 def varying_axes(x: Any) -> set:
   """The ``shard_map`` mesh axes ``x`` varies over (empty outside, or where
   JAX does not track them)."""
-  aval = jax.typeof(x)
+  aval = _compat.typeof(x)
   mat = getattr(aval, "mat", None)  # manual-axis type, where JAX has it
   if mat is not None:
     return set(mat.varying)
@@ -89,4 +96,4 @@ def varying_like(x: jax.Array, *like: Any) -> jax.Array:
   axes -= varying_axes(x)
   if not axes:
     return x
-  return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying")
+  return _compat.pcast_varying(x, tuple(sorted(axes, key=str)))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _loss_rule, _rules
+from jsoft import _checks, _collectives, _compat, _loss_rule, _rules
 from jsoft._loss_rule import Block, Sums
 from jsoft._softcap import LogitMap
 
@@ -57,7 +57,7 @@ class HeadResiduals(NamedTuple):
 def _tile_logits(h, w, b):
   """One tile of logits, accumulated and returned in the compute dtype."""
   acc = _checks.compute_dtype(h.dtype)
-  logits = jnp.matmul(h, w, preferred_element_type=acc)
+  logits = _compat.matmul(h, w, acc)
   if b is not None:
     logits = logits + b.astype(acc)
   return logits
@@ -180,8 +180,8 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
 
   def fold(g, h_t, w_t):
     g_in = g.astype(h.dtype)
-    dh_t = jnp.matmul(g_in, w_t.T, preferred_element_type=acc)
-    return dh_t, jnp.matmul(h_t.T, g_in, preferred_element_type=acc)
+    dh_t = _compat.matmul(g_in, w_t.T, acc)
+    return dh_t, _compat.matmul(h_t.T, g_in, acc)
 
   if loop.by_tokens:
     c = loop.chunk

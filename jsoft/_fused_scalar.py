@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _fused, _loss_rule, _rules
+from jsoft import _checks, _collectives, _compat, _fused, _loss_rule, _rules
 from jsoft._loss_rule import Block, Target
 
 
@@ -72,8 +72,8 @@ def _loss_fwd(static, h, w, b, coef, dense, *target_arrays):
     g, _ = _loss_rule.block_grad(loop.lmap, block, m, t.label, t.keep,
                                  ct_sums, e)
     g_in = g.astype(h.dtype)
-    dh_t = jnp.matmul(g_in, w.T, preferred_element_type=acc)
-    dw = dw + jnp.matmul(h_t.T, g_in, preferred_element_type=acc)
+    dh_t = _compat.matmul(g_in, w.T, acc)
+    dw = dw + _compat.matmul(h_t.T, g_in, acc)
     if db is not None:
       db = db + jnp.sum(g, axis=0)
     total = total + jnp.sum(k * loss)

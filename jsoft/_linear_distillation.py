@@ -35,7 +35,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _distillation, _fused, _options, _rules
+from jsoft import (
+  _checks,
+  _collectives,
+  _compat,
+  _distillation,
+  _fused,
+  _options,
+  _rules,
+)
 from jsoft._distillation import Divergence, RowStats
 from jsoft._softmax import mass, nan_where, row_shift
 
@@ -172,8 +180,8 @@ def _fold(x: Inputs, g, start, chunk, dw, db):
   h_t = lax.dynamic_slice_in_dim(x.hs, start, chunk)
   acc = dw.dtype
   g_in = g.astype(x.hs.dtype)
-  dh_t = jnp.matmul(g_in, x.ws.T, preferred_element_type=acc)
-  dw = dw + jnp.matmul(h_t.T, g_in, preferred_element_type=acc)
+  dh_t = _compat.matmul(g_in, x.ws.T, acc)
+  dw = dw + _compat.matmul(h_t.T, g_in, acc)
   if db is not None:
     db = db + jnp.sum(g, axis=0)
   return dh_t, dw, db
@@ -303,7 +311,7 @@ _token = _rules.vjp_rule(_token_fun, _token_fwd, _token_bwd)
 
 def _sharded_lse(x: jax.Array, ax: Any) -> tuple[jax.Array, jax.Array]:
   """:func:`jsoft._distillation.lse` of rows split over the mesh axis."""
-  c = lax.pmax(row_shift(x, (-1,))[..., 0], ax)
+  c = _collectives.pmax(row_shift(x, (-1,))[..., 0], ax)
   s = lax.psum(jnp.sum(jnp.exp(x - c[:, None]), axis=-1), ax)
   return c + jnp.log(mass(s)), s >= 1
 

@@ -33,6 +33,8 @@ from typing import Any
 import jax
 from jax.custom_derivatives import SymbolicZero
 
+from jsoft import _compat
+
 
 def vjp_rule(fun: Callable[..., jax.Array], fwd: Callable[..., Any],
              bwd: Callable[..., tuple[Any, ...]]) -> Callable[..., jax.Array]:
@@ -66,7 +68,7 @@ def vjp_rule(fun: Callable[..., jax.Array], fwd: Callable[..., Any],
       return tuple(cts[i] for i in moving)
 
     # The JVP is the transpose of the (linear) VJP.
-    (dout,) = jax.linear_transpose(vjp_of_moving, out)(
+    (dout,) = _compat.linear_transpose(vjp_of_moving, out)(
         tuple(tangents[i] for i in moving))
     return out, dout
 

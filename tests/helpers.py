@@ -2,6 +2,7 @@
 
 Every reference computes in float64 on the (already rounded) input values, so
 a test compares jsoft's arithmetic alone, not the rounding of its inputs.
+The last section holds the tests' own shims for older JAX releases.
 """
 
 from __future__ import annotations
@@ -228,3 +229,50 @@ def jax_linear_distill(hs, ws, ht, wt, bs=None, bt=None, labels=None, *,
   if reduction == "mean":
     return jnp.sum(loss) / jnp.sum(kept).astype(loss.dtype)
   return loss
+
+
+# ------------------------------------------------------ older JAX releases
+
+
+def needs_jax(version, why):
+  """Skips a test on JAX releases before ``version``, saying why."""
+  import jax
+  import pytest
+
+  from jsoft import _compat
+
+  return pytest.mark.skipif(
+      _compat.JAX_VERSION < version,
+      reason=f"needs jax >= {'.'.join(map(str, version))} ({why}); this is "
+      f"jax {jax.__version__}")
+
+
+def jaxprs_in_params(params):
+  """The jaxprs among an equation's params (``jax.extend.core`` from 0.10)."""
+  import jax
+  import jax.extend
+
+  core = getattr(jax.extend.core, "jaxprs_in_params", None)
+  return (core or jax.core.jaxprs_in_params)(params)
+
+
+def shard_map(f, *, mesh, in_specs, out_specs, check_vma=True):
+  """``jax.shard_map``; on jax < 0.6.1 ``jax.experimental``'s, whose
+  ``check_rep=False`` is ``check_vma=False``. ``check_vma=True`` skips the
+  test before jax 0.7."""
+  import jax
+  import pytest
+
+  from jsoft import _compat
+
+  if check_vma and _compat.JAX_VERSION < (0, 7):
+    pytest.skip("needs jax >= 0.7 (jsoft's rules meet shard_map's varying-axis "
+                f"types, check_vma=True, from there); this is jax "
+                f"{jax.__version__}")
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=check_vma)
+  from jax.experimental.shard_map import shard_map as old_shard_map
+
+  return old_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_rep=False)

@@ -42,7 +42,10 @@ def test_exports():
 @pytest.mark.parametrize("name", sorted(PEERS))
 def test_same_parameters_as_the_peer(name):
   ours = inspect.signature(getattr(jsoft, name)).parameters
-  theirs = inspect.signature(PEERS[name]).parameters
+  theirs = dict(inspect.signature(PEERS[name]).parameters)
+  # jax < 0.6: jax.nn's softmax and log_softmax still list their deprecated
+  # ``initial``, which jsoft never took.
+  deprecated = theirs.pop("initial", None)
   # The peer's parameters, in order, with its defaults and kinds; anything
   # more (the training options) is keyword-only, so every call written for
   # the peer means the same thing here.
@@ -52,6 +55,9 @@ def test_same_parameters_as_the_peer(name):
     assert ours[p].kind == theirs[p].kind, p
   for p in list(ours)[len(theirs):]:
     assert ours[p].kind == inspect.Parameter.KEYWORD_ONLY, p
+  if deprecated is not None:
+    pytest.skip("the rest matched; needs jax >= 0.6, where jax.nn dropped "
+                f"the deprecated `initial`; this is jax {jax.__version__}")
 
 
 @pytest.mark.parametrize("name", sorted([

@@ -6,10 +6,12 @@ is produced, and that the overflow check tells the naive formulas apart.
 
 import json
 
+import jax
 import pytest
 
 from bench import _plumbing, cases, cli, memory, options, report, timing
 from bench.peers import FNS, HEADS
+from jsoft import _compat
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +214,16 @@ def test_options_table(tmp_path, capsys):
   out = capsys.readouterr().out
   for name in options.OPTIONS:
     assert name in out
-  # No option stores the [N, C] logits (4 MB at 1024x1000 float32).
-  assert all(r["temp_bytes"] < 4 * 1024 * 1000 / 8
-             for r in result["results"].values())
   assert json.loads((tmp_path / "o.json").read_text())["options"]["n"] == 1024
   head = result["head"]["results"]
   assert set(head) == set(options._head_features(None, None))
   assert "stats, unused" in out and "75% ignored" in out
+  if _compat.JAX_VERSION < (0, 10, 2):
+    pytest.skip("the rest passed; the temp bound needs jax >= 0.10.2 (as "
+                f"test_memory.py), this is jax {jax.__version__}")
+  # No option stores the [N, C] logits (4 MB at 1024x1000 float32).
+  assert all(r["temp_bytes"] < 4 * 1024 * 1000 / 8
+             for r in result["results"].values())
   # Statistics left unused and ignored tokens add no memory to the head.
   for name in ("stats, unused", "75% ignored"):
     assert head[name]["temp_bytes"] <= 1.1 * head["plain"]["temp_bytes"]

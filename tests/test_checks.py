@@ -1,13 +1,13 @@
 """Trace-time argument checks and the opt-in value checks of jsoft.checked."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jsoft
 from jsoft import _checks
+from tests import helpers
 
 F32 = jnp.float32
 X = jnp.zeros((4, 3), F32)
@@ -19,7 +19,7 @@ def _primitive_names(jaxpr):
   names = set()
   for eqn in jaxpr.eqns:
     names.add(eqn.primitive.name)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in helpers.jaxprs_in_params(eqn.params):
       names |= _primitive_names(sub)
   return names
 

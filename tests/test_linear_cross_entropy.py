@@ -9,13 +9,13 @@ that do not divide the axis, every option, and every autodiff mode.
 """
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
 import jsoft
+from jsoft import _compat
 from tests import helpers
 
 lce = jsoft.linear_cross_entropy
@@ -318,7 +318,7 @@ def test_ignored_tokens_pick_a_smaller_loop_at_run_time():
 def _eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in helpers.jaxprs_in_params(eqn.params):
       yield from _eqns(sub)
 
 
@@ -339,6 +339,10 @@ def test_reduced_loss_over_token_tiles_forms_gradients_in_the_forward_pass():
 
   assert _dots(jax.value_and_grad(loss, argnums=(0, 1)), h, w) == 3
   assert _dots(loss, h, w) == 1
+  if _compat.JAX_VERSION < (0, 7):
+    pytest.skip("the rest held; needs jax >= 0.7, before which the jaxpr "
+                "keeps the dead forward pass of the transpose fallback "
+                f"(XLA drops it); this is jax {jax.__version__}")
   # Unreduced, the backward pass recomputes the logits: four.
   assert _dots(jax.value_and_grad(
       lambda h, w: lce(h, w, y, chunk_size=chunk).sum(), argnums=(0, 1)),

@@ -3,7 +3,6 @@ logits (``helpers.jax_linear_distill``, float64, differentiated by JAX) and
 against jsoft's own unfused composition."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,7 +109,7 @@ def test_teacher_gets_no_gradient():
 def _eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in helpers.jaxprs_in_params(eqn.params):
       yield from _eqns(sub)
 
 

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jsoft
+from tests import helpers
 
 int_ce = jsoft.softmax_cross_entropy_with_integer_labels
 lce = jsoft.linear_cross_entropy
@@ -48,18 +49,24 @@ def _reference(x, y, cap=None, temperature=1.0, where=None):
 @pytest.mark.parametrize("cap,temperature", [(None, 1.0), (None, 0.6),
                                              (2.5, 1.0), (2.5, 1.7)])
 def test_statistics_match_float64_reference(cap, temperature):
-  loss, stats = int_ce(X, Y, ignore_index=IGNORE, logit_soft_cap=cap,
-                       temperature=temperature, return_stats=True)
+  _, stats = int_ce(X, Y, ignore_index=IGNORE, logit_soft_cap=cap,
+                    temperature=temperature, return_stats=True)
   assert isinstance(stats, jsoft.TokenStats)
   want = _reference(X, Y, cap, temperature)
   for got, ref in zip(stats[:3], want[:3], strict=True):
     np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-15)
   np.testing.assert_array_equal(stats.correct, want[3])
   assert stats.correct.dtype == jnp.bool_
-  # The statistics change nothing about the loss.
-  np.testing.assert_array_equal(
-      loss, int_ce(X, Y, ignore_index=IGNORE, logit_soft_cap=cap,
-                   temperature=temperature))
+
+
+@helpers.needs_jax((0, 8), "older XLA:CPU compiles the loss with and without "
+                   "the statistics into sums that round apart by ulps")
+@pytest.mark.parametrize("cap,temperature", [(None, 1.0), (None, 0.6),
+                                             (2.5, 1.0), (2.5, 1.7)])
+def test_statistics_change_nothing_about_the_loss(cap, temperature):
+  kw = dict(ignore_index=IGNORE, logit_soft_cap=cap, temperature=temperature)
+  loss, _ = int_ce(X, Y, return_stats=True, **kw)
+  np.testing.assert_array_equal(loss, int_ce(X, Y, **kw))
 
 
 def test_ties_go_to_the_lowest_index_as_argmax():
@@ -230,8 +237,9 @@ def test_sharded_statistics_equal_one_device(vma, fused):
       return lce(h, w, y, chunk_size=3, axis_name="tp", **kw)
     return int_ce(h @ w, y, axis_name="tp", **kw)
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "tp")),
-                          out_specs=P(), check_vma=vma)
+  sharded = helpers.shard_map(local, mesh=mesh,
+                              in_specs=(P(), P(None, "tp")), out_specs=P(),
+                              check_vma=vma)
 
   def total(f):
     def run(h, w):
