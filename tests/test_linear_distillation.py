@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jsoft
-from jsoft import _linear_distillation
+from jsoft import _compat, _linear_distillation
 from tests import helpers
 
 ld = jsoft.linear_distillation_loss
@@ -134,6 +134,10 @@ def test_matmuls_per_tile():
 
   assert _dots(jax.value_and_grad(mean, argnums=(0, 1)), hs, ws) == 4
   assert _dots(mean, hs, ws) == 2
+  if _compat.JAX_VERSION < (0, 7):
+    pytest.skip("the rest held; needs jax >= 0.7, before which the jaxpr "
+                "keeps the dead forward pass of the transpose fallback "
+                f"(XLA drops it); this is jax {jax.__version__}")
   assert _dots(jax.value_and_grad(each, argnums=(0, 1)), hs, ws) == 6
 
 
