@@ -93,6 +93,25 @@ def write_json(path: str, payload: Any) -> None:
     f.write("\n")
 
 
+def write_outputs(json_path: str | None, payload: Any,
+                  charts: Sequence[tuple[str | None, Callable[[str], Any]]]
+                  ) -> None:
+  """A command's files: ``payload`` as JSON at ``json_path``, and each
+  ``(path, draw)`` chart with ``draw(path)``; None paths are skipped, and a
+  chart whose plotting library is missing is reported, not raised."""
+  if json_path:
+    write_json(json_path, payload)
+    say(f"wrote {json_path}")
+  for path, draw in charts:
+    if not path:
+      continue
+    try:
+      draw(path)
+      say(f"wrote {path}")
+    except Missing as e:
+      say(f"chart not written: {e}")
+
+
 def _make_parent(path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 

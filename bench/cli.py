@@ -218,18 +218,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
   load = [round(x, 1) for x in os.getloadavg()]
   payload = {"machine": info, "config": config, "cases": done,
              "seconds": seconds, "load_average_at_end": load}
-  out = [f"{len(done)} cases in {seconds:.0f} s (load average {load[0]} at "
-         "the end)"]
-  if args.json:
-    _plumbing.write_json(args.json, payload)
-    out.append(f"wrote {args.json}")
-  if args.plot:
-    try:
-      report.write_plot(args.plot, payload)
-      out.append(f"wrote {args.plot}")
-    except _plumbing.Missing as e:
-      out.append(f"chart not written: {e}")
-  _plumbing.say("", *out)
+  _plumbing.say("", f"{len(done)} cases in {seconds:.0f} s (load average "
+                f"{load[0]} at the end)")
+  _plumbing.write_outputs(args.json, payload, [
+      (args.plot, lambda path: report.write_plot(path, payload))])
   return payload
 
 

@@ -392,22 +392,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = p.parse_args(argv)
   result = run(quick=args.quick)
   _plumbing.show(table(result))
-  if args.json:
-    _plumbing.write_json(args.json, result)
-    _plumbing.say(f"wrote {args.json}")
-  if args.plot:
-    try:
-      write_plot(args.plot, result)
-      _plumbing.say(f"wrote {args.plot}")
-    except _plumbing.Missing as e:
-      _plumbing.say(f"chart not written: {e}")
-  if args.lm_plot:
-    from bench import lm  # noqa: PLC0415
-    try:
-      lm.write_plot(args.lm_plot, result["lm"])
-      _plumbing.say(f"wrote {args.lm_plot}")
-    except _plumbing.Missing as e:
-      _plumbing.say(f"chart not written: {e}")
+  from bench import lm  # noqa: PLC0415
+  _plumbing.write_outputs(args.json, result, [
+      (args.plot, lambda path: write_plot(path, result)),
+      (args.lm_plot, lambda path: lm.write_plot(path, result["lm"]))])
   return result
 
 

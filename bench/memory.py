@@ -111,14 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = p.parse_args(argv)
   result = sweep(quick=args.quick)
   _plumbing.show(*tables(result))
-  if args.json:
-    _plumbing.write_json(args.json, {"machine": report.machine(),
-                                     "memory_sweep": result})
-    _plumbing.say(f"wrote {args.json}")
-  if args.plot:
-    try:
-      write_plot(args.plot, result)
-      _plumbing.say(f"wrote {args.plot}")
-    except _plumbing.Missing as e:
-      _plumbing.say(f"chart not written: {e}")
+  _plumbing.write_outputs(
+      args.json, {"machine": report.machine(), "memory_sweep": result},
+      [(args.plot, lambda path: write_plot(path, result))])
   return result

@@ -150,8 +150,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result = measure(quick=args.quick, rounds=args.rounds)
   result["head"] = measure_head(quick=args.quick, rounds=args.rounds)
   _plumbing.show(*tables(result))
-  if args.json:
-    _plumbing.write_json(args.json, {"machine": report.machine(),
-                                     "options": result})
-    _plumbing.say(f"wrote {args.json}")
+  _plumbing.write_outputs(
+      args.json, {"machine": report.machine(), "options": result}, [])
   return result

@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
   use_host_devices()
   result = measure(chunk=args.chunk)
   _plumbing.show(table(result))
-  if args.json:
-    _plumbing.write_json(args.json, result)
-    _plumbing.say(f"wrote {args.json}")
+  _plumbing.write_outputs(args.json, result, [])
   return result
 
 

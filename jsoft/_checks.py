@@ -233,6 +233,15 @@ def static_int(value: Any, fn: str, name: str) -> int | None:
                     f"{value!r}.") from None
 
 
+def chunk_size(value: Any, fn: str) -> int | None:
+  """None (the default tile), or a Python int of at least 1."""
+  value = static_int(value, fn, "chunk_size")
+  if value is not None and value < 1:
+    raise ValueError(f"jsoft.{fn}: chunk_size must be at least 1, got "
+                     f"{value}.")
+  return value
+
+
 def axis_name(value: Any, fn: str) -> Any:
   """None, or a mesh axis name (a hashable, or a tuple of them)."""
   if value is None:

@@ -271,11 +271,7 @@ def linear_cross_entropy(
     1.6094
   """
   fn = "linear_cross_entropy"
-  if chunk_size is not None:
-    chunk_size = _checks.static_int(chunk_size, fn, "chunk_size")
-    if chunk_size < 1:
-      raise ValueError(f"jsoft.{fn}: chunk_size must be at least 1, got "
-                       f"{chunk_size}.")
+  chunk_size = _checks.chunk_size(chunk_size, fn)
   return _lce_jit(
       _checks.asarray(hidden), _checks.asarray(weight),
       _checks.asarray(labels), _checks.asarray(bias),

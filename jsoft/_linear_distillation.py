@@ -542,11 +542,7 @@ def linear_distillation_loss(
     [0. 0. 0. 0.]
   """
   fn = "linear_distillation_loss"
-  if chunk_size is not None:
-    chunk_size = _checks.static_int(chunk_size, fn, "chunk_size")
-    if chunk_size < 1:
-      raise ValueError(f"jsoft.{fn}: chunk_size must be at least 1, got "
-                       f"{chunk_size}.")
+  chunk_size = _checks.chunk_size(chunk_size, fn)
   return _ld_jit(
       _checks.asarray(student_hidden), _checks.asarray(student_weight),
       _checks.asarray(teacher_hidden), _checks.asarray(teacher_weight),

@@ -276,3 +276,19 @@ def shard_map(f, *, mesh, in_specs, out_specs, check_vma=True):
 
   return old_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                        check_rep=False)
+
+
+def jaxpr_eqns(jaxpr):
+  """Every equation of ``jaxpr``, inside loops and nested calls included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jaxprs_in_params(eqn.params):
+      yield from jaxpr_eqns(sub)
+
+
+def count_dots(f, *args):
+  """How many ``dot_general`` (matmul) equations ``jax.make_jaxpr(f)`` holds."""
+  import jax
+
+  jaxpr = jax.make_jaxpr(f)(*args)
+  return sum(e.primitive.name == "dot_general" for e in jaxpr_eqns(jaxpr.jaxpr))

@@ -308,23 +308,11 @@ def test_ignored_tokens_pick_a_smaller_loop_at_run_time():
 
   def branches(**kw):
     jaxpr = jax.make_jaxpr(lambda h, w: lce(h, w, y, **kw))(h, w)
-    return [len(e.params["branches"]) for e in _eqns(jaxpr.jaxpr)
+    return [len(e.params["branches"]) for e in helpers.jaxpr_eqns(jaxpr.jaxpr)
             if e.primitive.name == "cond"]
 
   assert branches(ignore_index=IGNORE) == [4]
   assert branches() == []
-
-
-def _eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in helpers.jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
-
-
-def _dots(f, *args):
-  jaxpr = jax.make_jaxpr(f)(*args)
-  return sum(e.primitive.name == "dot_general" for e in _eqns(jaxpr.jaxpr))
 
 
 def test_reduced_loss_over_token_tiles_forms_gradients_in_the_forward_pass():
@@ -337,14 +325,14 @@ def test_reduced_loss_over_token_tiles_forms_gradients_in_the_forward_pass():
   def loss(h, w):
     return lce(h, w, y, chunk_size=chunk, reduction="mean")
 
-  assert _dots(jax.value_and_grad(loss, argnums=(0, 1)), h, w) == 3
-  assert _dots(loss, h, w) == 1
+  assert helpers.count_dots(jax.value_and_grad(loss, argnums=(0, 1)), h, w) == 3
+  assert helpers.count_dots(loss, h, w) == 1
   if _compat.JAX_VERSION < (0, 7):
     pytest.skip("the rest held; needs jax >= 0.7, before which the jaxpr "
                 "keeps the dead forward pass of the transpose fallback "
                 f"(XLA drops it); this is jax {jax.__version__}")
   # Unreduced, the backward pass recomputes the logits: four.
-  assert _dots(jax.value_and_grad(
+  assert helpers.count_dots(jax.value_and_grad(
       lambda h, w: lce(h, w, y, chunk_size=chunk).sum(), argnums=(0, 1)),
       h, w) == 4
 

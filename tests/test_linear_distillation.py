@@ -106,18 +106,6 @@ def test_teacher_gets_no_gradient():
       np.testing.assert_array_equal(g, 0)
 
 
-def _eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in helpers.jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
-
-
-def _dots(f, *args):
-  jaxpr = jax.make_jaxpr(f)(*args)
-  return sum(e.primitive.name == "dot_general" for e in _eqns(jaxpr.jaxpr))
-
-
 def test_matmuls_per_tile():
   # Reduced: both heads' logits, dh and dW, all in the forward pass: four,
   # as many as the unfused loss's forward and backward. A call that is not
@@ -132,13 +120,14 @@ def test_matmuls_per_tile():
   def each(hs, ws):
     return ld(hs, ws, ht, wt, chunk_size=8).sum()
 
-  assert _dots(jax.value_and_grad(mean, argnums=(0, 1)), hs, ws) == 4
-  assert _dots(mean, hs, ws) == 2
+  dots = helpers.count_dots
+  assert dots(jax.value_and_grad(mean, argnums=(0, 1)), hs, ws) == 4
+  assert dots(mean, hs, ws) == 2
   if _compat.JAX_VERSION < (0, 7):
     pytest.skip("the rest held; needs jax >= 0.7, before which the jaxpr "
                 "keeps the dead forward pass of the transpose fallback "
                 f"(XLA drops it); this is jax {jax.__version__}")
-  assert _dots(jax.value_and_grad(each, argnums=(0, 1)), hs, ws) == 6
+  assert dots(jax.value_and_grad(each, argnums=(0, 1)), hs, ws) == 6
 
 
 def test_all_tokens_ignored_gives_zero_loss_and_gradient():
