@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsoft import _checks, _collectives, _rules
+from jsoft._cross_entropy import _class_layout, _classes_last
 from jsoft._options import reduce
 from jsoft._softmax import masked, mass, row_shift
 
@@ -217,8 +218,6 @@ def row_loss(div: Divergence, student: jax.Array, teacher: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("axis", "div", "reduction"))
 def _distillation_jit(student, teacher, axis, where, div, reduction):
-  from jsoft._cross_entropy import _class_layout, _classes_last  # noqa: PLC0415
-
   fn = "distillation_loss"
   s, t = jnp.asarray(student), jnp.asarray(teacher)
   _checks.floating(s, fn, "student_logits")
