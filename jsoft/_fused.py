@@ -63,6 +63,18 @@ def _tile_logits(h, w, b):
   return logits
 
 
+def weight_grad(h_t: jax.Array, g: jax.Array, acc: Any) -> jax.Array:
+  """One token tile's ``h_tᵀ g`` (``[D, V]``), accumulated in ``acc``.
+
+  ``h_tᵀ`` is made as its own small ``[D, c]`` array first: XLA folds a bare
+  transpose into the product, and XLA:CPU runs a product that contracts its
+  left operand's first axis well under the speed of a plain ``[D, c]·[c, V]``
+  one (measured at c=512, D=256, V=32768: the token loop took 1.2× as long).
+  The barrier keeps the transpose its own op.
+  """
+  return _compat.matmul(lax.optimization_barrier(h_t.T), g, acc)
+
+
 def _tile_starts(length: int, chunk: int):
   """How many tiles of ``chunk`` cover ``length``, and where tile ``j``
   starts: ``j·chunk``, except that the last one ends at ``length`` (and
@@ -181,6 +193,10 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
   def fold(g, h_t, w_t):
     g_in = g.astype(h.dtype)
     dh_t = _compat.matmul(g_in, w_t.T, acc)
+    if loop.by_tokens:
+      return dh_t, weight_grad(h_t, g_in, acc)
+    # Over classes, h is the whole [N, D]: a transposed copy would cost its
+    # size in memory for about as much time as the product saves.
     return dh_t, _compat.matmul(h_t.T, g_in, acc)
 
   if loop.by_tokens:

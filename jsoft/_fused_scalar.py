@@ -73,7 +73,7 @@ def _loss_fwd(static, h, w, b, coef, dense, *target_arrays):
                                  ct_sums, e)
     g_in = g.astype(h.dtype)
     dh_t = _compat.matmul(g_in, w.T, acc)
-    dw = dw + _compat.matmul(h_t.T, g_in, acc)
+    dw = dw + _fused.weight_grad(h_t, g_in, acc)
     if db is not None:
       db = db + jnp.sum(g, axis=0)
     total = total + jnp.sum(k * loss)

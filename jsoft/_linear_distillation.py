@@ -181,7 +181,7 @@ def _fold(x: Inputs, g, start, chunk, dw, db):
   acc = dw.dtype
   g_in = g.astype(x.hs.dtype)
   dh_t = _compat.matmul(g_in, x.ws.T, acc)
-  dw = dw + _compat.matmul(h_t.T, g_in, acc)
+  dw = dw + _fused.weight_grad(h_t, g_in, acc)
   if db is not None:
     db = db + jnp.sum(g, axis=0)
   return dh_t, dw, db
