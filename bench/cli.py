@@ -39,6 +39,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 COMMANDS = {
     "options": ("bench.options", "what each training option and each fused-"
                 "head feature costs"),
+    "tiles": ("bench.tiles", "the fused head's time against its memory, "
+              "per tile_by and chunk_size"),
     "memory": ("bench.memory", "the fused head's XLA temp memory over N and "
                "V (compile only)"),
     "sharding": ("bench.sharding", "the vocabulary-parallel head on 8 host "

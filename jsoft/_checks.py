@@ -203,12 +203,17 @@ def static_float(value: Any, fn: str, name: str, *, low: float | None = None,
   return number
 
 
+def one_of(value: Any, choices: tuple[str, ...], fn: str, name: str) -> str:
+  """Checks a string option is one of ``choices``."""
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"jsoft.{fn}: {name} must be one of "
+                     f"{', '.join(map(repr, choices))}, got {value!r}.")
+  return value
+
+
 def reduction(value: Any, fn: str) -> str:
   """Checks ``reduction`` is one of "none", "sum", "mean"."""
-  if not isinstance(value, str) or value not in REDUCTIONS:
-    raise ValueError(f"jsoft.{fn}: reduction must be one of "
-                     f"{', '.join(map(repr, REDUCTIONS))}, got {value!r}.")
-  return value
+  return one_of(value, REDUCTIONS, fn, "reduction")
 
 
 def static_bool(value: Any, fn: str, name: str) -> bool:

@@ -59,9 +59,7 @@ class Divergence(NamedTuple):
 
 def config(fn: str, kind: Any, beta: Any, temperature: Any) -> Divergence:
   """Checks the divergence arguments (once per trace)."""
-  if not isinstance(kind, str) or kind not in DIVERGENCES:
-    raise ValueError(f"jsoft.{fn}: divergence must be one of "
-                     f"{', '.join(map(repr, DIVERGENCES))}, got {kind!r}.")
+  kind = _checks.one_of(kind, DIVERGENCES, fn, "divergence")
   beta = _checks.static_float(beta, fn, "beta", low=0.0, high=1.0,
                               open_low=True)
   if beta == 1.0:

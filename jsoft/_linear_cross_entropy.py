@@ -31,15 +31,18 @@ from jsoft import (
 from jsoft._stats import TokenStats
 
 # Default memory budget for one float32 tile of logits (chunk_size=None):
-# 1/64 of the full logits, between 1 and 8 MiB.
-TILE_BYTES = 8 * 2**20
+# 1/64 of the full logits, between 1 and 16 MiB.
+TILE_BYTES = 16 * 2**20
 MIN_TILE_BYTES = 2**20
+# What a tile spans a slice of (tile_by=None: the loop with the smaller
+# accumulator).
+TILE_BY = ("tokens", "classes")
 
 
 def default_chunk(length: int, other: int, budget: int | None = None) -> int:
   """Rows per tile along the loop's axis (``length``: tokens or classes)
   against ``other`` columns: as many as fit ``budget`` bytes of float32
-  logits (by default 1/64 of all of them, clamped to [1, 8] MiB), a
+  logits (by default 1/64 of all of them, clamped to [1, 16] MiB), a
   multiple of 8 when possible, at least 1, at most ``length``."""
   if budget is None:
     budget = min(TILE_BYTES, max(MIN_TILE_BYTES, 4 * length * other // 64))
@@ -57,15 +60,19 @@ def _target(opts, y, rows, weights, vocab, acc):
   return target, None if dense is None else jnp.asarray(dense, acc)
 
 
-def _head_loss(opts, chunk_size, h, w, b, target, dense, gathers_out,
-               stats=False):
+def _by_tokens(tile_by: str | None, n: int, vocab: int) -> bool:
+  """Tiles of tokens (the accumulator is dW, ``[D, V]``) or of classes
+  (dh, ``[N, D]``): as asked, else the smaller accumulator."""
+  return n >= vocab if tile_by is None else tile_by == "tokens"
+
+
+def _head_loss(opts, chunk_size, by_tokens, h, w, b, target, dense,
+               gathers_out, stats=False):
   """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``), and with
   ``stats`` its :class:`jsoft.TokenStats` (else None)."""
   n, vocab = h.shape[0], w.shape[1]
-  by_tokens = n >= vocab
-  # Tiles of tokens (the accumulator is dW, [D, V]) or of classes (dh,
-  # [N, D]); the last tile overlaps the one before where the tile does not
-  # divide the axis.
+  # The last tile overlaps the one before where the tile does not divide
+  # the axis.
   length, other = (n, vocab) if by_tokens else (vocab, n)
   chunk = min(chunk_size or default_chunk(length, other), length)
   loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name,
@@ -100,11 +107,12 @@ def _scalar_head_loss(opts, chunk_size, h, w, b, target, dense, coef):
                                    coef)
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "chunk_size",
+@functools.partial(jax.jit, static_argnames=("opts", "chunk_size", "tile_by",
                                              "ignore_index", "reduction",
                                              "return_stats"))
 def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
-             where, opts, chunk_size, ignore_index, reduction, return_stats):
+             where, opts, chunk_size, tile_by, ignore_index, reduction,
+             return_stats):
   fn = "linear_cross_entropy"
   hidden, weight, labels = map(jnp.asarray, (hidden, weight, labels))
   _checks.floating(hidden, fn, "hidden")
@@ -159,15 +167,16 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
     return _targets.reduced(loss, target, reduction,
                             weights is not None or rows is not None, samples)
 
+  by_tokens = _by_tokens(tile_by, n, vocab)
   if (reduction != "none" and not return_stats and opts.axis_name is None
-      and n >= vocab and not gathers_out):
+      and by_tokens and not gathers_out):
     # The reduction is linear in the per-token loss: its gradient is each
     # token's coefficient.
     coef = jax.grad(reduced)(jnp.zeros((n,), acc))
     return _scalar_head_loss(opts, chunk_size, h, weight, bias, target,
                              dense, coef)
-  loss, stats = _head_loss(opts, chunk_size, h, weight, bias, target, dense,
-                           gathers_out, return_stats)
+  loss, stats = _head_loss(opts, chunk_size, by_tokens, h, weight, bias,
+                           target, dense, gathers_out, return_stats)
   loss = reduced(loss)
   if reduction == "none":
     loss = loss.reshape(batch)
@@ -180,7 +189,8 @@ def linear_cross_entropy(
     hidden: jax.typing.ArrayLike, weight: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike, *,
     bias: jax.typing.ArrayLike | None = None, chunk_size: int | None = None,
-    ignore_index: int | None = None, label_smoothing: float = 0.0,
+    tile_by: str | None = None, ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
     z_loss: float = 0.0, logit_soft_cap: float | None = None,
     class_weights: jax.typing.ArrayLike | None = None,
     reduction: str = "none", axis_name: Any = None,
@@ -208,15 +218,19 @@ def linear_cross_entropy(
   one tile of logits, in float32.
 
   Computed one tile at a time inside a ``lax.scan``: tiles of
-  ``chunk_size`` tokens when there are at least as many tokens as classes
-  (the accumulator is ``dW``, ``[D, V]``), else tiles of ``chunk_size``
-  classes with an online logsumexp (the accumulator is ``dh``, ``[N, D]``):
-  the loop order with the smaller accumulator. A tile that does not divide
-  the axis overlaps the one before (nothing is padded or copied). Gradient
-  (the VJP rule): the backward pass recomputes each tile of logits (one
-  extra matmul per tile) and folds ``g`` into the gradients above, ``dW``
-  accumulated in float32. Every autodiff mode works (``jvp``, ``hessian``,
-  HVPs), as for the unfused loss.
+  ``chunk_size`` tokens (the accumulator is ``dW``, ``[D, V]``) or tiles of
+  ``chunk_size`` classes with an online logsumexp (the accumulator is
+  ``dh``, ``[N, D]``); by default the loop with the smaller accumulator
+  (tokens when ``N ≥ V``), else as ``tile_by`` says. A tile that does not
+  divide the axis overlaps the one before (nothing is padded or copied).
+  Gradient (the VJP rule): the backward pass recomputes each tile of logits
+  (one extra matmul per tile) and folds ``g`` into the gradients above,
+  ``dW`` accumulated in float32 — except over tiles of tokens with the loss
+  reduced to a scalar, where each tile holds whole rows, so the forward
+  pass forms ``g`` and folds it in, and the backward pass only scales the
+  gradients (three matmuls per tile, as many as the unfused loss; a call
+  that is not differentiated does no gradient work). Every autodiff mode
+  works (``jvp``, ``hessian``, HVPs), as for the unfused loss.
 
   Peak memory beyond inputs and outputs, in bytes, for ``N`` tokens, ``D``
   features, ``V`` classes and tiles of ``c``: at most ``8·c·V`` (a float32 tile
@@ -231,7 +245,13 @@ def linear_cross_entropy(
   ignored tokens are gathered out so that no tile is spent on them
   (``tests/test_memory.py`` holds it to that). The unfused loss needs at least
   ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/64
-  of the full logits, clamped to 1–8 MiB (a multiple of 8 rows).
+  of the full logits, clamped to 1–16 MiB (a multiple of 8 rows).
+
+  Time against memory: over classes the fourth matmul costs time (measured
+  1.1× the unfused loss at 1/40 of its memory, N=8192, D=256, V=32768, CPU);
+  ``tile_by="tokens"`` with a reduced loss needs the ``[D, V]`` float32
+  ``dW`` and tiles of whole rows, and buys speed with them (0.86× at 1/4.6
+  with 512-token tiles at that shape). The README tabulates the trade.
 
   Args:
     hidden: ``[..., D]`` floating features.
@@ -239,8 +259,11 @@ def linear_cross_entropy(
       ``embedding.T``).
     labels: integer ``[...]`` targets (``hidden``'s shape without ``D``).
     bias: optional ``[V]`` bias.
-    chunk_size: tokens (or classes, when ``N < V``) per tile; None: from
+    chunk_size: tokens or classes (see ``tile_by``) per tile; None: from
       the memory budget above.
+    tile_by: ``"tokens"`` or ``"classes"``: what each tile takes a slice of;
+      None (the default): tokens when ``N ≥ V`` (this device's ``V`` with
+      ``axis_name``), else classes.
     ignore_index, label_smoothing, z_loss, logit_soft_cap, class_weights,
       reduction, temperature, sample_weights, return_stats: as in
       :func:`jsoft.softmax_cross_entropy_with_integer_labels` (the
@@ -272,6 +295,8 @@ def linear_cross_entropy(
   """
   fn = "linear_cross_entropy"
   chunk_size = _checks.chunk_size(chunk_size, fn)
+  if tile_by is not None:
+    tile_by = _checks.one_of(tile_by, TILE_BY, fn, "tile_by")
   return _lce_jit(
       _checks.asarray(hidden), _checks.asarray(weight),
       _checks.asarray(labels), _checks.asarray(bias),
@@ -279,7 +304,7 @@ def linear_cross_entropy(
       _checks.asarray(where),
       _options.options(fn, label_smoothing, z_loss, logit_soft_cap, axis_name,
                        temperature),
-      chunk_size,
+      chunk_size, tile_by,
       _checks.static_int(ignore_index, fn, "ignore_index"),
       _checks.reduction(reduction, fn),
       _checks.static_bool(return_stats, fn, "return_stats"))

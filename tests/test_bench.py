@@ -9,7 +9,16 @@ import json
 import jax
 import pytest
 
-from bench import _plumbing, cases, cli, memory, options, report, timing
+from bench import (
+    _plumbing,
+    cases,
+    cli,
+    memory,
+    options,
+    report,
+    tiles,
+    timing,
+)
 from bench.peers import FNS, HEADS
 from jsoft import _compat
 
@@ -205,6 +214,22 @@ def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch, capsys):
   saved = json.loads((tmp_path / "m.json").read_text())
   assert saved["memory_sweep"]["n"] == [8, 16, 32]
   assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiles_table(tmp_path, capsys):
+  result = cli.main(["tiles", "--quick", "--rounds", "1", "--json",
+                     str(tmp_path / "t.json")])
+  rows = result["results"]
+  assert set(rows) == {"unfused"} | {tiles._name(*c) for c in tiles.QUICK}
+  out = capsys.readouterr().out
+  assert "tokens, 128" in out and "× unfused" in out
+  assert json.loads((tmp_path / "t.json").read_text())["tiles"]["v"] == 4096
+  fused = {k: r for k, r in rows.items() if k != "unfused"}
+  assert all(r["max_rel_difference"] < 1e-4 for r in fused.values())
+  if _compat.JAX_VERSION < (0, 10, 2):
+    pytest.skip("the rest passed; the temp shares need jax >= 0.10.2 (as "
+                f"test_memory.py), this is jax {jax.__version__}")
+  assert all(0 < r["temp_share"] < 1 for r in fused.values())
 
 
 def test_options_table(tmp_path, capsys):

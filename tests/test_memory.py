@@ -184,13 +184,15 @@ def test_lm_head_step_writes_the_gradient_over_the_logits(shape, option):
   assert _temp(step, w) <= (arrays + 0.125) * 4 * n * v + 4 * n * 64
 
 
-def _fused_bound(n, d, v, chunk, compacted=False, scalar=False):
+def _fused_bound(n, d, v, chunk, compacted=False, scalar=False,
+                 by_tokens=None):
   """The README's peak-memory bound of linear_cross_entropy: with ignored
   tokens from 1024 tokens on, plus the kept tokens' gathered features and
   their gradient; differentiated and reduced to a scalar over tiles of
-  tokens (gradients formed in the forward pass), 16·c·V for the tiles."""
+  tokens (gradients formed in the forward pass), 16·c·V for the tiles.
+  ``by_tokens``: the loop (None: the default, tokens when N ≥ V)."""
   extra = 8 * n * d if compacted else 0
-  if n >= v:
+  if n >= v if by_tokens is None else by_tokens:
     tiles = 16 if scalar and not compacted else 8
     return tiles * chunk * v + 4 * d * v + 4 * n * d + 16 * n + extra
   return 8 * n * chunk + 4 * n * d + 4 * d * v + 16 * n + extra
@@ -235,6 +237,30 @@ def test_default_chunk_keeps_the_fused_head_under_a_sixteenth():
   temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
   assert temp <= _fused_bound(n, d, v, chunk, scalar=True)
   assert temp <= 4 * n * v / 16
+
+
+# The LM head's two memory targets at N=8192, D=256, V=32768 (compile
+# only): the default tiles (over classes there) within 1/32 of the unfused
+# loss's [N, V] float32 logits, and 512-token tiles with the gradients
+# formed in the forward pass within 1/4.
+@pytest.mark.parametrize("tile_by,chunk,share", [(None, None, 32),
+                                                 ("tokens", 512, 4)])
+def test_lm_head_tiles_within_their_share_of_the_unfused_loss(tile_by, chunk,
+                                                              share):
+  n, d, v = 8192, 256, 32768
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w):
+    return jsoft.linear_cross_entropy(h, w, y, reduction="mean",
+                                      tile_by=tile_by, chunk_size=chunk)
+
+  temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
+  by_tokens = tile_by == "tokens"
+  length, other = (n, v) if by_tokens else (v, n)
+  c = chunk or _linear_cross_entropy.default_chunk(length, other)
+  assert temp <= _fused_bound(n, d, v, c, scalar=True, by_tokens=by_tokens)
+  assert temp <= 4 * n * v / share
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
