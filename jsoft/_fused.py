@@ -42,6 +42,9 @@ class Loop(NamedTuple):
   by_tokens: bool  # tiles of tokens, else tiles of classes
   axis_name: Any  # the mesh axis W's classes are split over
   stats: bool = False  # also the entropy sum and the argmax (TokenStats)
+  # Classes loop: the backward pass keeps hᵀ ([D, N], 4·N·D bytes) for the
+  # dW products (see weight_grad).
+  transposed: bool = False
 
 
 class HeadResiduals(NamedTuple):
@@ -195,9 +198,9 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
     dh_t = _compat.matmul(g_in, w_t.T, acc)
     if loop.by_tokens:
       return dh_t, weight_grad(h_t, g_in, acc)
-    # Over classes, h is the whole [N, D]: a transposed copy would cost its
-    # size in memory for about as much time as the product saves.
-    return dh_t, _compat.matmul(h_t.T, g_in, acc)
+    # Over classes, h_t is the whole hᵀ: made once (below), or left to XLA
+    # (the slower product that contracts h's first axis, no copy).
+    return dh_t, _compat.matmul(h_t, g_in, acc)
 
   if loop.by_tokens:
     c = loop.chunk
@@ -230,6 +233,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
     dh = _untile(dh, h.shape[0], c)
   else:
     count, start_of = _tile_starts(loop.vocab, loop.chunk)
+    ht = lax.optimization_barrier(h.T) if loop.transposed else h.T
 
     def add_at(total, part, start):
       if loop.vocab % loop.chunk:  # tiles overlap: add into the total
@@ -245,7 +249,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
                                    res.keep, ct_sums)
       if block.valid is not None:  # the previous tile's columns
         g = jnp.where(block.valid, g, 0)
-      dh_t, dw_t = fold(g, h, w_t)
+      dh_t, dw_t = fold(g, ht, w_t)
       dw = add_at(dw, dw_t, start)
       if db is not None:
         db = add_at(db, jnp.sum(g, axis=0), start)
