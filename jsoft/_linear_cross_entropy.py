@@ -31,18 +31,22 @@ from jsoft import (
 from jsoft._stats import TokenStats
 
 # Default memory budget for one float32 tile of logits (chunk_size=None):
-# 1/64 of the full logits, between 1 and 16 MiB.
-TILE_BYTES = 16 * 2**20
+# 1/64 of the full logits, between 1 and 8 MiB over tokens, 16 MiB over
+# classes (a token tile's step holds about three tiles at once, its logits,
+# their exponentials and the gradient; a class tile's one).
+TILE_BYTES = 8 * 2**20
+CLASS_TILE_BYTES = 16 * 2**20
 MIN_TILE_BYTES = 2**20
 # What a tile spans a slice of (tile_by=None: the loop with the smaller
 # accumulator).
 TILE_BY = ("tokens", "classes")
 
 
-def tile_budget(n: int, vocab: int) -> int:
+def tile_budget(n: int, vocab: int, by_tokens: bool = True) -> int:
   """Bytes for one float32 tile of logits: 1/64 of all of them, clamped to
-  [1, 16] MiB."""
-  return min(TILE_BYTES, max(MIN_TILE_BYTES, 4 * n * vocab // 64))
+  [1, 8] MiB over tokens, [1, 16] MiB over classes."""
+  top = TILE_BYTES if by_tokens else CLASS_TILE_BYTES
+  return min(top, max(MIN_TILE_BYTES, 4 * n * vocab // 64))
 
 
 def default_chunk(length: int, other: int, budget: int | None = None) -> int:
@@ -71,7 +75,8 @@ def class_tiles(n: int, d: int, vocab: int,
   the product that contracts ``h``'s first axis instead takes about 1/16
   of the step's time (measured at N=8192, D=256, V=32768, c=512).
   """
-  chunk = min(chunk_size, vocab) if chunk_size else default_chunk(vocab, n)
+  chunk = min(chunk_size, vocab) if chunk_size else default_chunk(
+      vocab, n, tile_budget(n, vocab, by_tokens=False))
   if not chunk_size and vocab % chunk:
     fits = [c for c in range(chunk - chunk % 8, chunk // 2, -8)
             if vocab % c == 0]
@@ -264,7 +269,8 @@ def linear_cross_entropy(
   of logits and its gradient) plus ``4·D·V`` (the float32 ``dW`` being
   accumulated) plus ``4·N·D`` (``dh``, gathered from the tiles) when looping
   over tokens; ``8·N·c`` plus ``4·N·D`` (the float32 ``dh``) plus ``4·D·V``
-  (the float32 ``dW`` being filled) when looping over classes; plus ``16·N``
+  (the float32 ``dW`` being filled) plus ``4·N·D`` (``hᵀ``, kept when
+  ``D ≤ c``) when looping over classes; plus ``16·N``
   (numbers per token) either way; ``16·c·V`` for the tiles instead of ``8·c·V``
   when, reduced to a scalar and differentiated over tiles of tokens, the
   gradients are formed in the forward pass (three matmuls per tile instead of
@@ -272,13 +278,16 @@ def linear_cross_entropy(
   ignored tokens are gathered out so that no tile is spent on them
   (``tests/test_memory.py`` holds it to that). The unfused loss needs at least
   ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/64
-  of the full logits, clamped to 1–16 MiB (a multiple of 8 rows).
+  of the full logits, clamped to 1–8 MiB over tokens and 1–16 MiB over
+  classes (a multiple of 8 rows; over classes, a divisor of ``V`` when one
+  is within half of that).
 
   Time against memory: over classes the fourth matmul costs time (measured
-  1.1× the unfused loss at 1/40 of its memory, N=8192, D=256, V=32768, CPU);
-  ``tile_by="tokens"`` with a reduced loss needs the ``[D, V]`` float32
-  ``dW`` and tiles of whole rows, and buys speed with them (0.86× at 1/4.6
-  with 512-token tiles at that shape). The README tabulates the trade.
+  1.05× the unfused loss at 1/31 of its memory by default, N=8192, D=256,
+  V=32768, CPU); ``tile_by="tokens"`` with a reduced loss needs the
+  ``[D, V]`` float32 ``dW`` and tiles of whole rows, and buys speed with
+  them (0.84× at 1/4.6 with 512-token tiles at that shape). The README
+  tabulates the trade (``python -m bench tiles``).
 
   Args:
     hidden: ``[..., D]`` floating features.

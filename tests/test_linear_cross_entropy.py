@@ -15,7 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jsoft
-from jsoft import _compat
+from jsoft import _compat, _linear_cross_entropy
 from tests import helpers
 
 lce = jsoft.linear_cross_entropy
@@ -413,3 +413,17 @@ def test_tile_by_picks_the_loop():
                 f"(XLA drops it); this is jax {jax.__version__}")
   assert dots("vocab_padded", None) == 4
   assert dots("tokens_padded", "classes") == 4
+
+
+def test_default_class_tiles():
+  # 16 MiB of float32 logits over classes at N=8192: 512 classes, moved
+  # down to a divisor of V within half of that (else a masked overlapping
+  # last tile); hᵀ kept when D ≤ c. Over tokens, 8 MiB (256 at V=8192).
+  tiles = _linear_cross_entropy.class_tiles
+  assert tiles(8192, 256, 32768, None) == (512, True)
+  assert tiles(8192, 256, 32000, None) == (400, True)  # 32000 = 80·400
+  assert tiles(8192, 256, 128256, None) == (384, True)  # = 334·384
+  assert tiles(8192, 256, 50257, None) == (512, True)  # 29·1733: none
+  assert tiles(4096, 4096, 32768, None) == (512, False)  # 8 MiB; D > c
+  assert tiles(8192, 256, 32768, 128) == (128, False)  # as asked
+  assert _linear_cross_entropy.default_chunk(32768, 8192) == 256
