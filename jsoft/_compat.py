@@ -13,6 +13,7 @@ cotangent sums to ``shard_map`` itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -76,6 +77,24 @@ def vjp_transpose(fun: Callable[..., Any], *primals: Any) -> Callable:
 
 
 _BF16_LOOP_DOT_FAILS = (0, 7, 1) <= JAXLIB_VERSION < (0, 10, 1)
+
+
+@functools.cache
+def _barrier_differentiable() -> bool:
+  try:
+    jax.jvp(lax.optimization_barrier, (0.0,), (1.0,))
+    jax.linear_transpose(lax.optimization_barrier, 0.0)(1.0)
+  except NotImplementedError:
+    return False
+  return True
+
+
+def barrier(x: jax.Array) -> jax.Array:
+  """``lax.optimization_barrier(x)``: ``x``, made as its own value (XLA
+  does not fold it into the op that reads it). jax 0.4.38 cannot
+  differentiate the barrier; there ``x`` itself, the same values (the
+  barrier changes the speed, not the result)."""
+  return lax.optimization_barrier(x) if _barrier_differentiable() else x
 
 
 def matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:

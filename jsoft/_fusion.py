@@ -51,7 +51,18 @@ FIRST, SECOND, GRADIENT = "first", "second", "gradient"
 
 
 def _masked(x, valid):
-  return x if valid is None else jnp.where(valid, x, -jnp.inf)
+  if valid is None:
+    return x
+  if jnp.issubdtype(valid.dtype, jnp.floating):  # a bias: 0, or no mass
+    return x + valid
+  return jnp.where(valid, x, -jnp.inf)
+
+
+def kept(valid: jax.Array) -> jax.Array:
+  """A mask as booleans: ``valid`` itself, or where its bias is 0."""
+  if jnp.issubdtype(valid.dtype, jnp.floating):
+    return valid == 0
+  return valid
 
 
 def shifted(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
@@ -97,7 +108,7 @@ def gap_with_slope(x: jax.Array, shift: jax.Array, valid: jax.Array | None,
     r = lmap.scale
     return shift - _masked((x * (2 * r)) * 0.5, valid), r
   if valid is not None:
-    x = jnp.where(valid, x, 0)
+    x = jnp.where(kept(valid), x, 0)
   m, slope = tanh_parts(x, lmap.cap)
   capped = jnp.sign(x) * ((2 * lmap.scale) * (-m / (4 + 2 * m)))
   if lmap.temperature != 1.0:

@@ -67,21 +67,25 @@ def class_tiles(n: int, d: int, vocab: int,
   """The classes loop's tile (classes) and whether its backward pass keeps
   ``hᵀ`` for the ``dW`` products (:class:`jsoft._fused.Loop`).
 
-  By default the tile fits :func:`tile_budget`, moved down to a divisor of
-  ``V`` (a multiple of 8) when one lies within half of it: the last tile of
-  a loop that does not divide ``V`` overlaps the one before, and its
-  masked columns cost every tile a pass (measured: 1.3× the time). ``hᵀ``
-  (``4·N·D`` bytes) is kept when it is no larger than a tile, ``D ≤ c``:
-  the product that contracts ``h``'s first axis instead takes about 1/16
-  of the step's time (measured at N=8192, D=256, V=32768, c=512).
+  ``hᵀ`` (``4·N·D`` bytes) is kept when it is no larger than a tile,
+  ``D ≤ c``: the product that contracts ``h``'s first axis instead takes
+  about 1/16 of the step's time (measured at N=8192, D=256, V=32768). By
+  default the step — the tile, ``hᵀ`` and one tile's share of ``dh``
+  (``8·N·D``), ``W``'s tile (``4·D·c``) — stays within 31/32 of twice
+  :func:`tile_budget` (the rest for numbers per token); where that leaves
+  no tile of ``D`` classes, the tile is the budget's own, without ``hᵀ``.
   """
-  chunk = min(chunk_size, vocab) if chunk_size else default_chunk(
-      vocab, n, tile_budget(n, vocab, by_tokens=False))
-  if not chunk_size and vocab % chunk:
-    fits = [c for c in range(chunk - chunk % 8, chunk // 2, -8)
-            if vocab % c == 0]
-    chunk = fits[0] if fits else chunk
-  return chunk, d <= chunk
+  if chunk_size:
+    chunk = min(chunk_size, vocab)
+    return chunk, d <= chunk
+  budget = tile_budget(n, vocab, by_tokens=False)
+  chunk = (2 * budget * 31 // 32 - 8 * n * d) // (4 * (n + d))
+  if chunk >= 8:
+    chunk -= chunk % 8
+  if chunk >= min(d, vocab):
+    chunk = min(chunk, vocab)
+    return chunk, d <= chunk
+  return default_chunk(vocab, n, budget), False
 
 
 def _target(opts, y, rows, weights, vocab, acc):
@@ -278,12 +282,12 @@ def linear_cross_entropy(
   ignored tokens are gathered out so that no tile is spent on them
   (``tests/test_memory.py`` holds it to that). The unfused loss needs at least
   ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/64
-  of the full logits, clamped to 1–8 MiB over tokens and 1–16 MiB over
-  classes (a multiple of 8 rows; over classes, a divisor of ``V`` when one
-  is within half of that).
+  of the full logits, clamped to 1–8 MiB over tokens (a multiple of 8
+  rows); over classes, so that the tile, ``hᵀ`` and a tile's share of
+  ``dh`` fit twice that, clamped to 1–16 MiB (:func:`class_tiles`).
 
   Time against memory: over classes the fourth matmul costs time (measured
-  1.05× the unfused loss at 1/31 of its memory by default, N=8192, D=256,
+  1.07× the unfused loss at 1/33 of its memory by default, N=8192, D=256,
   V=32768, CPU); ``tile_by="tokens"`` with a reduced loss needs the
   ``[D, V]`` float32 ``dW`` and tiles of whole rows, and buys speed with
   them (0.84× at 1/4.6 with 512-token tiles at that shape). The README

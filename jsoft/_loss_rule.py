@@ -89,9 +89,21 @@ class Target(NamedTuple):
 class Block(NamedTuple):
   """A block of classes of every example: a row, a shard or a tile."""
   logits: jax.Array  # [..., width] raw logits x (x̃ is their LogitMap)
-  valid: jax.Array | None  # bool, broadcastable to logits; None: all valid
+  # bool, broadcastable to logits; or a float bias, 0 or hugely negative,
+  # for real logits another block counts (a sum skips them, a max may see
+  # them twice); None: all valid
+  valid: jax.Array | None
   first: Any  # the global index of the block's first class
   dense: Any  # u on the block, broadcastable to logits; None: no dense part
+
+
+def _excluded(valid: jax.Array | None) -> jax.Array | None:
+  """The entries a max or argmax must skip: a boolean mask's; none for a
+  bias mask, whose entries are real logits counted by another block (the
+  fused head's overlapping tile), which a max may see twice."""
+  if valid is None or jnp.issubdtype(valid.dtype, jnp.floating):
+    return None
+  return valid
 
 
 class Sums(NamedTuple):
@@ -119,7 +131,7 @@ def block_max(block: Block, lmap: LogitMap | None,
   entries, so the max is the same): see :func:`jsoft._fusion.after_label`.
   """
   x = _raw(block)
-  c = row_shift(masked(x, block.valid), (-1,))[..., 0]
+  c = row_shift(masked(x, _excluded(block.valid)), (-1,))[..., 0]
   if label is not None and x.shape[-1]:
     x_label, present = _gather(block, label)
     c = _fusion.after_label(c, jnp.where(present, x_label, -jnp.inf))
@@ -140,7 +152,7 @@ def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
   at = jnp.clip(local, 0, width - 1)[..., None]
   x_label = jnp.take_along_axis(x, at, axis=-1)[..., 0]
   if block.valid is not None:
-    valid = jnp.broadcast_to(block.valid, x.shape)
+    valid = jnp.broadcast_to(_fusion.kept(block.valid), x.shape)
     present = present & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
   return x_label, present
 
@@ -225,7 +237,7 @@ def block_argmax(lmap: LogitMap | None, block: Block,
   # x̃ is the max. Not x̃ − c == 0: XLA may contract x·r − c into a fused
   # multiply-add, which does not round x·r.
   x = masked(_fusion.mapped(lax.stop_gradient(_raw(block)), lmap,
-                            _fusion.SECOND), block.valid)
+                            _fusion.SECOND), _excluded(block.valid))
   cols = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) + block.first
   top = x == lax.stop_gradient(shift)[..., None]
   return jnp.min(jnp.where(top, cols, NO_CLASS), axis=-1, initial=NO_CLASS)

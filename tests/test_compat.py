@@ -82,3 +82,14 @@ def test_versions_parse():
   assert _compat.JAX_VERSION == tuple(
       int(p) for p in jax.__version__.split(".")[:3])
   assert len(_compat.JAXLIB_VERSION) == 3
+
+
+def test_barrier_keeps_values_and_gradients():
+  x = jnp.arange(6.0).reshape(2, 3)
+  np.testing.assert_array_equal(_compat.barrier(x.T), x.T)
+  # Differentiable in both modes wherever the barrier is used (it is the
+  # identity where this JAX cannot differentiate it).
+  f = lambda x: jnp.sum(_compat.barrier(x.T) ** 2)  # noqa: E731
+  np.testing.assert_allclose(jax.grad(f)(x), 2 * x)
+  np.testing.assert_allclose(jax.jvp(f, (x,), (jnp.ones_like(x),))[1],
+                             2 * jnp.sum(x))

@@ -416,14 +416,16 @@ def test_tile_by_picks_the_loop():
 
 
 def test_default_class_tiles():
-  # 16 MiB of float32 logits over classes at N=8192: 512 classes, moved
-  # down to a divisor of V within half of that (else a masked overlapping
-  # last tile); hᵀ kept when D ≤ c. Over tokens, 8 MiB (256 at V=8192).
+  # Over classes the step (tile 4·N·c, hᵀ and dh's share 8·N·D, W's tile
+  # 4·D·c) within 31/32 of twice the budget (1/64 of the logits, at most
+  # 16 MiB): at N=8192, D=256, (31 MiB − 16 MiB) / (4·8448 B) = 465.4,
+  # so 464 classes; at V=32000 the budget is 15.6 MiB: 442.9, so 440.
+  # Where hᵀ leaves no room, the budget's own tile without it. Over
+  # tokens, 8 MiB (256 tokens at V=8192).
   tiles = _linear_cross_entropy.class_tiles
-  assert tiles(8192, 256, 32768, None) == (512, True)
-  assert tiles(8192, 256, 32000, None) == (400, True)  # 32000 = 80·400
-  assert tiles(8192, 256, 128256, None) == (384, True)  # = 334·384
-  assert tiles(8192, 256, 50257, None) == (512, True)  # 29·1733: none
+  assert tiles(8192, 256, 32768, None) == (464, True)
+  assert tiles(8192, 256, 32000, None) == (440, True)
   assert tiles(4096, 4096, 32768, None) == (512, False)  # 8 MiB; D > c
-  assert tiles(8192, 256, 32768, 128) == (128, False)  # as asked
+  assert tiles(8192, 256, 32768, 128) == (128, False)  # as asked; D > c
+  assert tiles(8192, 256, 32768, 256) == (256, True)
   assert _linear_cross_entropy.default_chunk(32768, 8192) == 256
