@@ -8,6 +8,7 @@ messages for a missing optional dependency.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -183,3 +184,18 @@ def tracked(items: Sequence[T], label: Callable[[T], str]) -> Iterator[T]:
       yield item
       bar.advance(task)
     bar.update(task, description="done")
+
+
+def timed_command(name: str, doc: str | None,
+                  rounds: int) -> argparse.ArgumentParser:
+  """The command line of ``python -m bench NAME`` for a timed measurement:
+  ``--quick``, ``--rounds`` (default ``rounds``) and ``--json``; its
+  description is the first line of ``doc`` (the module's docstring)."""
+  p = argparse.ArgumentParser(prog=f"python -m bench {name}",
+                              description=(doc or "").splitlines()[0])
+  p.add_argument("--quick", action="store_true",
+                 help="small shapes (a smoke test, seconds)")
+  p.add_argument("--rounds", type=int, default=rounds,
+                 help=f"timed rounds (default {rounds})")
+  p.add_argument("--json", metavar="PATH", help="write results as JSON")
+  return p

@@ -12,7 +12,6 @@ temperature, and 75% of the tokens ignored.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax
@@ -139,14 +138,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """``python -m bench options``: both measurements, their tables, and
   the JSON on request."""
-  p = argparse.ArgumentParser(prog="python -m bench options",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true",
-                 help="small shapes (a smoke test, seconds)")
-  p.add_argument("--rounds", type=int, default=7,
-                 help="timed rounds (default 7)")
-  p.add_argument("--json", metavar="PATH", help="write results as JSON")
-  args = p.parse_args(argv)
+  args = _plumbing.timed_command("options", __doc__, 7).parse_args(argv)
   result = measure(quick=args.quick, rounds=args.rounds)
   result["head"] = measure_head(quick=args.quick, rounds=args.rounds)
   _plumbing.show(*tables(result))

@@ -14,7 +14,6 @@ loss and gradients.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax
@@ -111,14 +110,7 @@ def table(result: dict[str, Any]) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """``python -m bench tiles``: the measurement, its table, and the JSON
   on request."""
-  p = argparse.ArgumentParser(prog="python -m bench tiles",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true",
-                 help="small shapes (a smoke test, seconds)")
-  p.add_argument("--rounds", type=int, default=5,
-                 help="timed rounds (default 5)")
-  p.add_argument("--json", metavar="PATH", help="write results as JSON")
-  args = p.parse_args(argv)
+  args = _plumbing.timed_command("tiles", __doc__, 5).parse_args(argv)
   result = measure(quick=args.quick, rounds=args.rounds)
   _plumbing.show(table(result))
   _plumbing.write_outputs(

@@ -78,12 +78,8 @@ CASES = [(shape, "plain") for shape in SHAPES] + [
     ("tokens", "all_temperature"), ("vocab_padded", "all_temperature")]
 
 
-@pytest.mark.parametrize("shape_name,opt_name", CASES)
-def test_value_and_gradients_equal_the_unfused_loss(shape_name, opt_name):
-  n, d, v, chunk = SHAPES[shape_name]
-  h, w, b, y = _problem(n, d, v)
-  weights = rng.uniform(0.5, 2.0, size=v) if opt_name != "plain" else None
-  fused, unfused = _pair(OPTIONS[opt_name], y, chunk, weights)
+def _assert_equal_losses(fused, unfused, h, w, b):
+  """The same values, and the same VJPs with respect to h, W and b."""
   np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), rtol=1e-13,
                              atol=1e-14)
   ct = rng.normal(size=np.shape(unfused(h, w, b)))
@@ -91,6 +87,14 @@ def test_value_and_gradients_equal_the_unfused_loss(shape_name, opt_name):
   _, pull_u = jax.vjp(unfused, h, w, b)
   for got, want in zip(pull_f(ct), pull_u(ct), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape_name,opt_name", CASES)
+def test_value_and_gradients_equal_the_unfused_loss(shape_name, opt_name):
+  n, d, v, chunk = SHAPES[shape_name]
+  h, w, b, y = _problem(n, d, v)
+  weights = rng.uniform(0.5, 2.0, size=v) if opt_name != "plain" else None
+  _assert_equal_losses(*_pair(OPTIONS[opt_name], y, chunk, weights), h, w, b)
 
 
 @pytest.mark.parametrize("shape_name,opt_name", [
@@ -374,14 +378,8 @@ def test_tile_by_either_loop_equals_the_unfused_loss(shape_name, tile_by,
   n, d, v, chunk = SHAPES[shape_name]
   h, w, b, y = _problem(n, d, v, seed=8)
   weights = rng.uniform(0.5, 2.0, size=v) if opt_name != "plain" else None
-  fused, unfused = _pair(OPTIONS[opt_name], y, chunk, weights, tile_by)
-  np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), rtol=1e-13,
-                             atol=1e-14)
-  ct = rng.normal(size=np.shape(unfused(h, w, b)))
-  _, pull_f = jax.vjp(fused, h, w, b)
-  _, pull_u = jax.vjp(unfused, h, w, b)
-  for got, want in zip(pull_f(ct), pull_u(ct), strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+  _assert_equal_losses(
+      *_pair(OPTIONS[opt_name], y, chunk, weights, tile_by), h, w, b)
 
 
 def test_token_tiles_at_fewer_tokens_than_classes_in_every_mode():
