@@ -66,16 +66,21 @@ def _tile_logits(h, w, b):
   return logits
 
 
-def weight_grad(h_t: jax.Array, g: jax.Array, acc: Any) -> jax.Array:
-  """One token tile's ``h_tᵀ g`` (``[D, V]``), accumulated in ``acc``.
+def transposed(h: jax.Array) -> jax.Array:
+  """``hᵀ`` made as an array of its own, for a ``dW = hᵀ g`` product.
 
-  ``h_tᵀ`` is made as its own small ``[D, c]`` array first: XLA folds a bare
-  transpose into the product, and XLA:CPU runs a product that contracts its
-  left operand's first axis well under the speed of a plain ``[D, c]·[c, V]``
-  one (measured at c=512, D=256, V=32768: the token loop took 1.2× as long).
-  The barrier keeps the transpose its own op.
+  XLA folds a bare transpose into the product, and XLA:CPU runs a product
+  that contracts its left operand's first axis well under the speed of a
+  plain ``[D, c]·[c, V]`` one (measured at c=512, D=256, V=32768: the token
+  loop took 1.2× as long). The barrier keeps the transpose its own op.
   """
-  return _compat.matmul(_compat.barrier(h_t.T), g, acc)
+  return _compat.barrier(h.T)
+
+
+def weight_grad(h_t: jax.Array, g: jax.Array, acc: Any) -> jax.Array:
+  """One token tile's ``h_tᵀ g`` (``[D, V]``), accumulated in ``acc``
+  (:func:`transposed`)."""
+  return _compat.matmul(transposed(h_t), g, acc)
 
 
 def _tile_starts(length: int, chunk: int):
@@ -201,14 +206,12 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
   refs = (h, w, b, *jax.tree.leaves(ct_sums), res.label, res.keep,
           res.shift)
 
-  def fold(g, h_t, w_t):
+  def fold(g, ht_t, w_t):
+    # ht_t: the tile's hᵀ (see transposed) or, over classes without
+    # Loop.transposed, a bare h.T left to XLA.
     g_in = g.astype(h.dtype)
-    dh_t = _compat.matmul(g_in, w_t.T, acc)
-    if loop.by_tokens:
-      return dh_t, weight_grad(h_t, g_in, acc)
-    # Over classes, h_t is the whole hᵀ: made once (below), or left to XLA
-    # (the slower product that contracts h's first axis, no copy).
-    return dh_t, _compat.matmul(h_t, g_in, acc)
+    return (_compat.matmul(g_in, w_t.T, acc),
+            _compat.matmul(ht_t, g_in, acc))
 
   if loop.by_tokens:
     c = loop.chunk
@@ -229,7 +232,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
       g, _ = _loss_rule.block_grad(
           loop.lmap, block, rows(res.shift, start), rows(res.label, start),
           keep, jax.tree.map(lambda x: rows(x, start), ct_sums))
-      dh_t, dw_t = fold(g, h_t, w)
+      dh_t, dw_t = fold(g, transposed(h_t), w)
       db = None if db is None else db + jnp.sum(g, axis=0)
       return (dw + dw_t, db), dh_t
 
@@ -241,7 +244,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
     dh = _untile(dh, h.shape[0], c)
   else:
     count, start_of = _tile_starts(loop.vocab, loop.chunk)
-    ht = _compat.barrier(h.T) if loop.transposed else h.T
+    ht = transposed(h) if loop.transposed else h.T
 
     def tile(carry, j):
       dh, dw, db = carry

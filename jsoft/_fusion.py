@@ -50,19 +50,21 @@ from jsoft._softcap import LogitMap, tanh_parts
 FIRST, SECOND, GRADIENT = "first", "second", "gradient"
 
 
+def is_bias(valid: jax.Array | None) -> bool:
+  """Whether a block's mask is a bias added to the logits (0, or so
+  negative that ``e^x`` underflows to 0) rather than booleans."""
+  return valid is not None and jnp.issubdtype(valid.dtype, jnp.floating)
+
+
 def _masked(x, valid):
   if valid is None:
     return x
-  if jnp.issubdtype(valid.dtype, jnp.floating):  # a bias: 0, or no mass
-    return x + valid
-  return jnp.where(valid, x, -jnp.inf)
+  return x + valid if is_bias(valid) else jnp.where(valid, x, -jnp.inf)
 
 
 def kept(valid: jax.Array) -> jax.Array:
   """A mask as booleans: ``valid`` itself, or where its bias is 0."""
-  if jnp.issubdtype(valid.dtype, jnp.floating):
-    return valid == 0
-  return valid
+  return valid == 0 if is_bias(valid) else valid
 
 
 def shifted(x: jax.Array, shift: jax.Array, valid: jax.Array | None,

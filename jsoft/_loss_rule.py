@@ -101,9 +101,7 @@ def _excluded(valid: jax.Array | None) -> jax.Array | None:
   """The entries a max or argmax must skip: a boolean mask's; none for a
   bias mask, whose entries are real logits counted by another block (the
   fused head's overlapping tile), which a max may see twice."""
-  if valid is None or jnp.issubdtype(valid.dtype, jnp.floating):
-    return None
-  return valid
+  return None if _fusion.is_bias(valid) else valid
 
 
 class Sums(NamedTuple):

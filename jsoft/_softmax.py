@@ -48,14 +48,8 @@ Axis = int | tuple[int, ...] | None
 
 
 def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
-  """``x`` with ``where=False`` entries replaced by ``-inf`` (no mass);
-  a floating ``where`` is a bias, added: 0 (kept), or so negative that
-  ``e^x`` underflows to 0 (masked)."""
-  if where is None:
-    return x
-  if jnp.issubdtype(where.dtype, jnp.floating):
-    return x + where
-  return jnp.where(where, x, -jnp.inf)
+  """``x`` with ``where=False`` entries replaced by ``-inf`` (no mass)."""
+  return x if where is None else jnp.where(where, x, -jnp.inf)
 
 
 def row_shift(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
