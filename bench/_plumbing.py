@@ -186,16 +186,21 @@ def tracked(items: Sequence[T], label: Callable[[T], str]) -> Iterator[T]:
     bar.update(task, description="done")
 
 
-def timed_command(name: str, doc: str | None,
-                  rounds: int) -> argparse.ArgumentParser:
-  """The command line of ``python -m bench NAME`` for a timed measurement:
-  ``--quick``, ``--rounds`` (default ``rounds``) and ``--json``; its
-  description is the first line of ``doc`` (the module's docstring)."""
+def command(name: str, description: str | None, *,
+            quick: str = "small shapes (a smoke test, seconds)",
+            rounds: int | None = None,
+            plot: bool = False) -> argparse.ArgumentParser:
+  """The command line of ``python -m bench NAME``: ``--quick`` (``quick``
+  says what it does), ``--rounds`` for a timed one (default ``rounds``),
+  ``--json``, and ``--plot`` for one that draws; ``description``: its
+  first line is the help's (a module's docstring will do)."""
   p = argparse.ArgumentParser(prog=f"python -m bench {name}",
-                              description=(doc or "").splitlines()[0])
-  p.add_argument("--quick", action="store_true",
-                 help="small shapes (a smoke test, seconds)")
-  p.add_argument("--rounds", type=int, default=rounds,
-                 help=f"timed rounds (default {rounds})")
+                              description=(description or "").splitlines()[0])
+  p.add_argument("--quick", action="store_true", help=quick)
+  if rounds is not None:
+    p.add_argument("--rounds", type=int, default=rounds,
+                   help=f"timed rounds (default {rounds})")
   p.add_argument("--json", metavar="PATH", help="write results as JSON")
+  if plot:
+    p.add_argument("--plot", metavar="PATH", help="write a PNG")
   return p

@@ -24,7 +24,6 @@ accuracy, step time).
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -381,12 +380,8 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(prog="python -m bench experiments",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true",
-                 help="fewer steps: under a minute on 2 CPU cores")
-  p.add_argument("--json", metavar="PATH", help="write results as JSON")
-  p.add_argument("--plot", metavar="PATH", help="write a PNG")
+  p = _plumbing.command("experiments", __doc__, plot=True,
+                        quick="fewer steps: under a minute on 2 CPU cores")
   p.add_argument("--lm-plot", metavar="PATH",
                  help="write the language model's PNG")
   args = p.parse_args(argv)

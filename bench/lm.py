@@ -24,7 +24,6 @@ loss and accuracy.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import pathlib
 import time
@@ -393,13 +392,10 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(prog="python -m bench lm",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true",
-                 help="a smaller model, fewer steps: seconds on 2 CPU cores")
-  p.add_argument("--json", metavar="PATH", help="write results as JSON")
-  p.add_argument("--plot", metavar="PATH", help="write a PNG")
-  args = p.parse_args(argv)
+  args = _plumbing.command(
+      "lm", __doc__, plot=True,
+      quick="a smaller model, fewer steps: seconds on 2 CPU cores",
+  ).parse_args(argv)
   result = run(quick=args.quick)
   _plumbing.show(table(result))
   _plumbing.write_outputs(args.json, result, [

@@ -9,7 +9,6 @@ so the sweep reaches sizes the machine could not hold. Each point is the
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax
@@ -100,15 +99,10 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """``python -m bench memory``: the sweep, its tables, JSON and chart."""
-  p = argparse.ArgumentParser(
-      prog="python -m bench memory",
-      description="XLA temp memory of the fused head's value_and_grad "
-      "against the unfused loss's and optax's, over N and V (compile only).")
-  p.add_argument("--quick", action="store_true",
-                 help="the three smallest N and V only")
-  p.add_argument("--json", metavar="PATH", help="write the sweep as JSON")
-  p.add_argument("--plot", metavar="PATH", help="write a PNG chart")
-  args = p.parse_args(argv)
+  args = _plumbing.command(
+      "memory", "XLA temp memory of the fused head's value_and_grad against "
+      "the unfused loss's and optax's, over N and V (compile only).",
+      quick="the three smallest N and V only", plot=True).parse_args(argv)
   result = sweep(quick=args.quick)
   _plumbing.show(*tables(result))
   _plumbing.write_outputs(

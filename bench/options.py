@@ -138,7 +138,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """``python -m bench options``: both measurements, their tables, and
   the JSON on request."""
-  args = _plumbing.timed_command("options", __doc__, 7).parse_args(argv)
+  args = _plumbing.command("options", __doc__, rounds=7).parse_args(argv)
   result = measure(quick=args.quick, rounds=args.rounds)
   result["head"] = measure_head(quick=args.quick, rounds=args.rounds)
   _plumbing.show(*tables(result))

@@ -110,7 +110,7 @@ def table(result: dict[str, Any]) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """``python -m bench tiles``: the measurement, its table, and the JSON
   on request."""
-  args = _plumbing.timed_command("tiles", __doc__, 5).parse_args(argv)
+  args = _plumbing.command("tiles", __doc__, rounds=5).parse_args(argv)
   result = measure(quick=args.quick, rounds=args.rounds)
   _plumbing.show(table(result))
   _plumbing.write_outputs(
