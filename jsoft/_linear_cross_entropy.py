@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,71 +21,66 @@ import jax.numpy as jnp
 from jsoft import (
   _checks,
   _collectives,
-  _fused,
-  _fused_scalar,
+  _drivers,
+  _head,
   _loss_rule,
   _options,
   _stats,
   _targets,
 )
+from jsoft import _tiling as tiling
+from jsoft._loss_rule import Block, Target
+from jsoft._softcap import LogitMap
 from jsoft._stats import TokenStats
 
-# Default memory budget for one float32 tile of logits (chunk_size=None):
-# 1/64 of the full logits, between 1 and 8 MiB over tokens, 16 MiB over
-# classes (a token tile's step holds about three tiles at once, its logits,
-# their exponentials and the gradient; a class tile's one).
-TILE_BYTES = 8 * 2**20
-CLASS_TILE_BYTES = 16 * 2**20
-MIN_TILE_BYTES = 2**20
 # What a tile spans a slice of (tile_by=None: the loop with the smaller
 # accumulator).
 TILE_BY = ("tokens", "classes")
 
 
-def tile_budget(n: int, vocab: int, by_tokens: bool = True) -> int:
-  """Bytes for one float32 tile of logits: 1/64 of all of them, clamped to
-  [1, 8] MiB over tokens, [1, 16] MiB over classes."""
-  top = TILE_BYTES if by_tokens else CLASS_TILE_BYTES
-  return min(top, max(MIN_TILE_BYTES, 4 * n * vocab // 64))
+class Rows(NamedTuple):
+  """The cross-entropy rule on whole rows of a tile of tokens (a row rule
+  of :mod:`jsoft._drivers`): the per-token operands are the
+  :class:`~jsoft._loss_rule.Target`'s arrays, the one other operand the
+  smoothing target ``u``."""
+  lmap: LogitMap | None
+  z_loss: float
+  numbers: tuple[Any, ...]  # the Target's Python numbers (Target.split)
 
+  def _start(self, h_t, w, b, tokens, whole, own):
+    target = Target.join(self.numbers, tokens)
+    if own is not True:  # the rows of the tile before: no gradient
+      target = target._replace(
+          keep=own if target.keep is None else target.keep & own)
+    acc = _checks.compute_dtype(h_t.dtype)
+    block = Block(tiling.logits(h_t, w, b, acc), None, 0, whole[0])
+    return target, block, _loss_rule.block_max(block, self.lmap)
 
-def default_chunk(length: int, other: int, budget: int | None = None) -> int:
-  """Rows per tile along the loop's axis (``length``: tokens or classes)
-  against ``other`` columns: as many as fit ``budget`` bytes of float32
-  logits (by default :func:`tile_budget`), a multiple of 8 when possible,
-  at least 1, at most ``length``."""
-  if budget is None:
-    budget = tile_budget(length, other)
-  chunk = max(1, budget // (4 * max(other, 1)))
-  if chunk >= 8:
-    chunk -= chunk % 8
-  return max(1, min(chunk, length))
+  def _loss(self, target, shift):
+    return lambda sums: _loss_rule.row_loss(target, shift, sums, self.z_loss)
 
+  def forward(self, h_t, w, b, tokens, whole, own):
+    target, block, m = self._start(h_t, w, b, tokens, whole, own)
+    sums = _loss_rule.block_sums(self.lmap, block, m, target.label)
+    return self._loss(target, m)(sums), (m, sums)
 
-def class_tiles(n: int, d: int, vocab: int,
-                chunk_size: int | None) -> tuple[int, bool]:
-  """The classes loop's tile (classes) and whether its backward pass keeps
-  ``hᵀ`` for the ``dW`` products (:class:`jsoft._fused.Loop`).
+  def backward(self, h_t, w, b, tokens, whole, own, res, k):
+    target, block, _ = self._start(h_t, w, b, tokens, whole, own)
+    m, sums = res
+    _, pull = jax.vjp(self._loss(target, m), sums)
+    (ct,) = pull(k)
+    return _loss_rule.block_grad(self.lmap, block, m, target.label,
+                                 target.keep, ct)[0]
 
-  ``hᵀ`` (``4·N·D`` bytes) is kept when it is no larger than a tile,
-  ``D ≤ c``: the product that contracts ``h``'s first axis instead takes
-  about 1/16 of the step's time (measured at N=8192, D=256, V=32768). By
-  default the step — the tile, ``hᵀ`` and one tile's share of ``dh``
-  (``8·N·D``), ``W``'s tile (``4·D·c``) — stays within 31/32 of twice
-  :func:`tile_budget` (the rest for numbers per token); where that leaves
-  no tile of ``D`` classes, the tile is the budget's own, without ``hᵀ``.
-  """
-  if chunk_size:
-    chunk = min(chunk_size, vocab)
-    return chunk, d <= chunk
-  budget = tile_budget(n, vocab, by_tokens=False)
-  chunk = (2 * budget * 31 // 32 - 8 * n * d) // (4 * (n + d))
-  if chunk >= 8:
-    chunk -= chunk % 8
-  if chunk >= min(d, vocab):
-    chunk = min(chunk, vocab)
-    return chunk, d <= chunk
-  return default_chunk(vocab, n, budget), False
+  def forward_and_backward(self, h_t, w, b, tokens, whole, own, k):
+    target, block, m = self._start(h_t, w, b, tokens, whole, own)
+    sums, e = _loss_rule.block_sums_and_exp(self.lmap, block, m,
+                                            target.label)
+    loss, pull = jax.vjp(self._loss(target, m), sums)
+    (ct,) = pull(_collectives.varying_like(k.astype(loss.dtype), loss))
+    g, _ = _loss_rule.block_grad(self.lmap, block, m, target.label,
+                                 target.keep, ct, e)
+    return loss, g
 
 
 def _target(opts, y, rows, weights, vocab, acc):
@@ -103,18 +98,20 @@ def _by_tokens(tile_by: str | None, n: int, vocab: int) -> bool:
 
 
 def _head_loss(opts, chunk_size, by_tokens, h, w, b, target, dense,
-               gathers_out, stats=False):
+               compaction, stats=False):
   """The per-token loss of ``h @ w + b`` (``h``: ``[N, D]``), and with
   ``stats`` its :class:`jsoft.TokenStats` (else None)."""
   n, vocab = h.shape[0], w.shape[1]
   if by_tokens:
-    chunk, transposed = min(chunk_size or default_chunk(n, vocab), n), False
+    loop = _head.Loop(opts.lmap, min(chunk_size or tiling.token_tile(
+        n, vocab), n), None, vocab, opts.axis_name, stats)
   else:
-    chunk, transposed = class_tiles(n, h.shape[1], vocab, chunk_size)
-  loop = _fused.Loop(opts.lmap, chunk, vocab, by_tokens, opts.axis_name,
-                     stats, transposed)
-  head = _fused.compacted_head_sums if gathers_out else _fused.head_sums
-  shift, sums, argmax = head(loop, h, w, b, target.label, target.keep, dense)
+    size, keep_ht = tiling.class_tile(n, h.shape[1], vocab, chunk_size)
+    rows = n if compaction is None else tiling.row_tile(n)
+    loop = _head.Loop(opts.lmap, rows, size, vocab, opts.axis_name, stats,
+                      keep_ht)
+  shift, sums, argmax = _head.head_sums(loop, h, w, b, target.label,
+                                        target.keep, dense, compaction)
   ax = opts.axis_name
   if ax is not None:
     # Each device's sums, moved to the global max, then added: one max
@@ -133,14 +130,20 @@ def _head_loss(opts, chunk_size, by_tokens, h, w, b, target, dense,
   return loss, _stats.from_sums(target, shift, sums, argmax)
 
 
-def _scalar_head_loss(opts, chunk_size, h, w, b, target, dense, coef):
+def _reduced_head_loss(opts, chunk_size, h, w, b, target, dense, coef,
+                       compaction):
   """``Σ_n coef_n·L_n`` of ``h @ w + b`` with its gradients formed in the
-  forward pass (:mod:`jsoft._fused_scalar`): tiles of tokens."""
+  forward pass (:func:`jsoft._drivers.reduced`): tiles of tokens."""
   n, vocab = h.shape[0], w.shape[1]
-  chunk = min(chunk_size or default_chunk(n, vocab), n)
-  loop = _fused.Loop(opts.lmap, chunk, vocab, True, None)
-  return _fused_scalar.scalar_loss(loop, opts.z_loss, h, w, b, target, dense,
-                                   coef)
+  size = min(chunk_size or tiling.token_tile(n, vocab), n)
+  kept = None
+  if compaction is not None:
+    h, coef, kept = compaction.gather(h), compaction.gather(coef), \
+        compaction.count
+    target = Target(*map(compaction.gather, target))
+  numbers, arrays = target.split()
+  return _drivers.reduced(Rows(opts.lmap, opts.z_loss, numbers), size, h, w,
+                          b, coef, kept, arrays, (dense,))
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "chunk_size", "tile_by",
@@ -196,8 +199,11 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
     h = jnp.where(rows[:, None], h, 0)
   acc = _checks.compute_dtype(dtype)
   target, dense = _target(opts, y, rows, weights, vocab, acc)
-  # From 1024 tokens on, ignored tokens are gathered out of the tile loop.
-  gathers_out = rows is not None and n >= _fused.COMPACT_MIN_TOKENS
+  # From COMPACT_MIN_TOKENS on, ignored tokens are gathered out of the
+  # tile loop.
+  compaction = None
+  if rows is not None and n >= tiling.COMPACT_MIN_TOKENS:
+    compaction = tiling.Compaction.of(target.keep)
 
   def reduced(loss):  # the per-token loss [N], weighted and reduced
     return _targets.reduced(loss, target, reduction,
@@ -205,14 +211,14 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
 
   by_tokens = _by_tokens(tile_by, n, vocab)
   if (reduction != "none" and not return_stats and opts.axis_name is None
-      and by_tokens and not gathers_out):
+      and by_tokens):
     # The reduction is linear in the per-token loss: its gradient is each
     # token's coefficient.
     coef = jax.grad(reduced)(jnp.zeros((n,), acc))
-    return _scalar_head_loss(opts, chunk_size, h, weight, bias, target,
-                             dense, coef)
+    return _reduced_head_loss(opts, chunk_size, h, weight, bias, target,
+                              dense, coef, compaction)
   loss, stats = _head_loss(opts, chunk_size, by_tokens, h, weight, bias,
-                           target, dense, gathers_out, return_stats)
+                           target, dense, compaction, return_stats)
   loss = reduced(loss)
   if reduction == "none":
     loss = loss.reshape(batch)

@@ -10,19 +10,15 @@ which is folded into ``dh_s = g W_sᵀ``, ``dW_s += h_sᵀ g`` and
 ``db_s += Σ g`` (float32) while the tile is at hand. The teacher gets no
 gradient and no matmul is spent on one.
 
-Three drivers around that one rule:
-
-* reduced to a scalar (``"sum"``, ``"mean"``): the gradient tiles are formed
-  in the forward pass, scaled by each token's known coefficient, and the
-  backward pass only scales the folded gradients by the incoming cotangent
-  — the same four matmuls per tile as the unfused loss's forward and
-  backward (:func:`_scalar_loss`);
-* per token (``"none"``): the backward pass recomputes both tiles of
-  logits and forms ``g`` from the per-token cotangents (:func:`_token_loss`);
-* vocabulary-parallel (``axis_name``): the rule's row sums cross devices as
-  plain JAX collectives inside each tile, and JAX differentiates the tile
-  (rematerialised in the backward pass), which keeps every autodiff mode
-  and both ``shard_map`` modes exact (:func:`_sharded_loss`).
+The row rule (:class:`Rows`) is written once and run by the shared
+drivers: reduced to a scalar (``"sum"``, ``"mean"``), the gradient tiles
+are formed in the forward pass (:func:`jsoft._drivers.reduced`); per token
+(``"none"``), the backward pass recomputes both tiles of logits
+(:func:`jsoft._drivers.per_token`); vocabulary-parallel (``axis_name``),
+the row sums cross devices inside each tile and JAX differentiates the
+tile, rematerialised in the backward pass (:func:`_sharded_loss`). All of
+them loop in :func:`jsoft._tiling.scan_tokens`, with ignored tokens
+gathered out of the loop.
 """
 
 from __future__ import annotations
@@ -38,312 +34,119 @@ from jax import lax
 from jsoft import (
   _checks,
   _collectives,
-  _compat,
   _distillation,
-  _fused,
+  _drivers,
+  _loss_rule,
   _options,
-  _rules,
 )
-from jsoft._distillation import Divergence, RowStats
-from jsoft._softmax import mass, nan_where, row_shift
-
-# Default tile: one float32 [c, V] tile of logits of 1/32 of a head's
-# logits, between 1 and 16 MiB (a tile holds three such buffers: both heads'
-# logits and the gradient).
-TILE_BYTES = 16 * 2**20
-MIN_TILE_BYTES = 2**20
+from jsoft import _tiling as tiling
+from jsoft._distillation import Divergence
+from jsoft._loss_rule import Block, Target
+from jsoft._softmax import mass, row_shift
 
 
-class Head(NamedTuple):
-  """The fused loop's configuration, fixed at compile time."""
+class Rows(NamedTuple):
+  """The distillation rule on whole rows of a tile of tokens (a row rule
+  of :mod:`jsoft._drivers`). Per-token operands: the teacher's features,
+  the labels, which tokens have a loss, which labels are out of range;
+  the others: the teacher's weight and bias (constants). The hard-label
+  term is the cross-entropy rule (:mod:`jsoft._loss_rule`) on the
+  student's logits, its target one-hot at the label."""
   div: Divergence
   hard: float  # α: the hard-label cross-entropy's weight
-  chunk: int  # tokens per tile
   vocab: int  # this device's classes
   axis_name: Any  # the mesh axis the classes are split over
 
+  def _heads(self, h_t, w, b, tokens, whole):
+    """Both tiles of logits (the teacher's a constant), the hard loss's
+    :class:`~jsoft._loss_rule.Target`, and the divergence's scaled logits
+    ``s/T``, ``t/T``."""
+    ht, label, keep, invalid = tokens
+    acc = _checks.compute_dtype(h_t.dtype)
+    s = tiling.logits(h_t, w, b, acc)
+    t = lax.stop_gradient(tiling.logits(ht, *whole, acc))
+    temp = self.div.temperature
+    scaled = (_distillation.scaled(s, None, temp, acc),
+              _distillation.scaled(t, None, temp, acc))
+    target = Target(label, 1.0, 0.0, 1.0, keep & ~invalid, invalid, keep)
+    first = _collectives.first_class(self.axis_name, self.vocab)
+    return Block(s, None, first, None), target, scaled
 
-class TileStats(NamedTuple):
-  """Per token, what its gradient tile needs besides its logits."""
-  rows: RowStats
-  lse_hard: jax.Array | None  # logsumexp(s) for the hard loss (T ≠ 1)
+  def _hard_loss(self, target, shift):
+    return lambda sums: self.hard * _loss_rule.row_loss(target, shift, sums,
+                                                        0.0)
 
-
-class Grads(NamedTuple):
-  hidden: jax.Array  # [N, D_s]
-  weight: jax.Array  # [D_s, V]
-  bias: jax.Array | None  # [V]
-
-
-def default_chunk(n: int, vocab: int) -> int:
-  """Tokens per tile: a float32 tile of 1/32 of the logits, clamped to
-  [1, 16] MiB, a multiple of 8 when possible, at most ``n``."""
-  budget = min(TILE_BYTES, max(MIN_TILE_BYTES, 4 * n * vocab // 32))
-  chunk = max(1, budget // (4 * max(vocab, 1)))
-  if chunk >= 8:
-    chunk -= chunk % 8
-  return max(1, min(chunk, n))
-
-
-# ------------------------------------------------------------ the tile rule
-
-
-def _label_logit(s: jax.Array, label: jax.Array, first: Any) -> tuple[
-    jax.Array, jax.Array]:
-  """``s_y`` where the label is one of this block's classes (else 0), and
-  whether it is."""
-  local = label - first
-  here = (local >= 0) & (local < s.shape[-1])
-  at = jnp.clip(local, 0, s.shape[-1] - 1)[:, None]
-  return jnp.where(here, jnp.take_along_axis(s, at, axis=-1)[:, 0], 0), here
-
-
-def _scaled(head: Head, s: jax.Array, t: jax.Array):
-  """``s/T`` and ``t/T`` (the teacher a constant)."""
-  temp = head.div.temperature
-  return (_distillation.scaled(s, None, temp, s.dtype),
-          _distillation.scaled(lax.stop_gradient(t), None, temp, t.dtype))
-
-
-def _tile_loss(head: Head, s, t, label, keep, invalid):
-  """Each token's loss ``α·CE(s, y) + (1 − α)·D`` (0 where not ``keep``)
-  from its whole rows of logits, and its :class:`TileStats`."""
-  d, rows = _distillation.row_stats(head.div, *_scaled(head, s, t))
-  loss, lse_hard = (1 - head.hard) * d, None
-  if head.hard:
-    lse_hard = (rows.lse_s if head.div.temperature == 1.0
-                else _distillation.lse(s)[0])
-    loss = loss + head.hard * (lse_hard - _label_logit(s, label, 0)[0])
-    loss = loss + nan_where(invalid, loss.dtype)
-  return jnp.where(keep, loss, 0), TileStats(rows, lse_hard)
-
-
-def _tile_grad(head: Head, s, t, label, stats: TileStats, k, invalid):
-  """The gradient tile of ``Σ k·loss`` with respect to the student's logits:
-  ``(1 − α)·k·(φ₁ − p_s Σφ₁)/T + α·k·(softmax(s) − onehot(y))``."""
-  g = _distillation.row_grad(head.div, *_scaled(head, s, t), stats.rows,
-                             (1 - head.hard) * k)
-  if head.hard:
-    k_hard = head.hard * k + nan_where(invalid, k.dtype)
-    onehot = lax.broadcasted_iota(jnp.int32, s.shape, 1) == label[:, None]
-    g = g + k_hard[:, None] * (jnp.exp(s - stats.lse_hard[:, None])
-                               - onehot.astype(s.dtype))
-  return g
-
-
-def _logits(h, w, b, start, chunk):
-  return _fused._tile_logits(lax.dynamic_slice_in_dim(h, start, chunk), w, b)
-
-
-def _rows(x, start, chunk):
-  return None if x is None else lax.dynamic_slice_in_dim(x, start, chunk)
-
-
-class Inputs(NamedTuple):
-  hs: jax.Array  # [N, D_s] student features
-  ws: jax.Array  # [D_s, V]
-  bs: jax.Array | None  # [V]
-  ht: jax.Array  # [N, D_t] teacher features (a constant)
-  wt: jax.Array  # [D_t, V]
-  bt: jax.Array | None
-  label: jax.Array  # [N] int32 (0 where ignored)
-  keep: jax.Array  # [N] bool: tokens with a loss
-  invalid: jax.Array  # [N] bool: a label out of range (hard loss only)
-
-
-def _tiles(head: Head, x: Inputs, body, init, remat: bool = False):
-  """Runs ``body(carry, tile, own)`` over the tiles of tokens, where
-  ``tile`` is ``(start, s, t, label, keep, invalid)`` and ``own`` marks the
-  rows that are the tile's own (the last tile may overlap the one before).
-  Returns the final carry and the per-token outputs, untiled. With
-  ``remat``, differentiating the loop recomputes each tile (logits
-  included) instead of storing it."""
-  n, c = x.hs.shape[0], head.chunk
-  count, start_of = _fused._tile_starts(n, c)
-
-  def step(carry, j):
-    start = start_of(j)
-    s = _logits(x.hs, x.ws, x.bs, start, c)
-    t = _logits(x.ht, x.wt, x.bt, start, c)
-    own = _fused._own(j, start, c, (c,), 0) if n % c else True
-    tile = (start, s, t, *(_rows(v, start, c)
-                           for v in (x.label, x.keep, x.invalid)))
-    return body(carry, tile, own)
-
-  carry, stacked = lax.scan(jax.checkpoint(step) if remat else step, init,
-                            jnp.arange(count, dtype=jnp.int32))
-  return carry, jax.tree.map(lambda v: _fused._untile(v, n, c), stacked)
-
-
-def _fold(x: Inputs, g, start, chunk, dw, db):
-  """``g``'s share of ``dh`` (returned), ``dW`` and ``db`` (accumulated)."""
-  h_t = lax.dynamic_slice_in_dim(x.hs, start, chunk)
-  acc = dw.dtype
-  g_in = g.astype(x.hs.dtype)
-  dh_t = _compat.matmul(g_in, x.ws.T, acc)
-  dw = dw + _fused.weight_grad(h_t, g_in, acc)
-  if db is not None:
-    db = db + jnp.sum(g, axis=0)
-  return dh_t, dw, db
-
-
-def _zeros(shape, acc, *like):
-  """A zero accumulator typed to vary like ``like`` inside ``shard_map``
-  (a scan carry keeps one type; see :mod:`jsoft._collectives`)."""
-  return _collectives.varying_like(jnp.zeros(shape, acc), *like)
-
-
-def _grad_init(x: Inputs, acc, *like):
-  return (_zeros(x.ws.shape, acc, *x, *like),
-          None if x.bs is None else _zeros(x.bs.shape, acc, *x, *like))
-
-
-def _cast(x: Inputs, dh, dw, db) -> Grads:
-  """The gradients in the inputs' dtypes, each summed over the mesh axes
-  its input is replicated on."""
-  def back(g, primal):
-    return _collectives.summed_like(g, primal).astype(primal.dtype)
-
-  return Grads(back(dh, x.hs), back(dw, x.ws),
-               None if db is None else back(db, x.bs))
-
-
-def _no_teacher(grads: Grads) -> tuple[Any, ...]:
-  """Cotangents for :class:`Inputs`: the student's, nothing else."""
-  return (*grads, None, None, None, None, None, None)
-
-
-# ----------------------------------------------------- reduced to a scalar
-
-
-def _scalar_fwd(head: Head, coef, *inputs):
-  x = Inputs(*inputs)
-  acc = _checks.compute_dtype(x.hs.dtype)
-
-  def body(carry, tile, own):
-    total, dw, db = carry
-    start, s, t, label, keep, invalid = tile
-    k = jnp.where(own & keep, lax.dynamic_slice_in_dim(coef, start,
-                                                        head.chunk), 0)
-    loss, stats = _tile_loss(head, s, t, label, keep, invalid)
-    g = _tile_grad(head, s, t, label, stats, k, invalid)
-    dh_t, dw, db = _fold(x, g, start, head.chunk, dw, db)
-    return (total + jnp.sum(k * loss), dw, db), dh_t
-
-  init = (_zeros((), acc, *x, coef), *_grad_init(x, acc, coef))
-  (total, dw, db), dh = _tiles(head, x, body, init)
-  # The folded gradients stay per device: the backward pass scales them by
-  # each device's cotangent, then sums them (_cast).
-  return total, ScalarResiduals(x, Grads(dh, dw, db))
-
-
-class ScalarResiduals(NamedTuple):
-  inputs: Inputs
-  grads: Grads  # for a unit cotangent, float32, per device
-
-
-def _scalar_bwd(head, res: ScalarResiduals, ct):
-  del head
-
-  def scaled(g):
-    return None if g is None else ct.astype(g.dtype) * g
-
-  return (None, *_no_teacher(_cast(res.inputs,
-                                   *map(scaled, res.grads))))
-
-
-def _scalar_fun(head, coef, *inputs):
-  # Not differentiated: the loss alone (two matmuls per tile).
-  return jnp.sum(coef * _token_fwd(head, *inputs)[0])
-
-
-_scalar = _rules.vjp_rule(_scalar_fun, _scalar_fwd, _scalar_bwd)
-
-
-# --------------------------------------------------------------- per token
-
-
-class TokenResiduals(NamedTuple):
-  inputs: Inputs
-  stats: TileStats  # per token
-
-
-def _token_fwd(head: Head, *inputs):
-  x = Inputs(*inputs)
-
-  def body(_, tile, own):
+  def forward(self, h_t, w, b, tokens, whole, own):
     del own
-    _, s, t, label, keep, invalid = tile
-    return None, _tile_loss(head, s, t, label, keep, invalid)
+    block, target, scaled = self._heads(h_t, w, b, tokens, whole)
+    d, rows = _distillation.row_stats(self.div, *scaled)
+    loss = jnp.where(target.keep, (1 - self.hard) * d, 0)
+    hard = None
+    if self.hard:
+      m = _loss_rule.block_max(block, None)
+      sums = _loss_rule.block_sums(None, block, m, target.label)
+      loss, hard = loss + self._hard_loss(target, m)(sums), (m, sums)
+    return loss, (rows, hard)
 
-  _, (loss, stats) = _tiles(head, x, body, None)
-  # Typed to vary like every input, so cotangents arrive per device.
-  loss = _collectives.varying_like(loss, *x)
-  return loss, TokenResiduals(x, stats)
+  def backward(self, h_t, w, b, tokens, whole, own, res, k):
+    block, target, scaled = self._heads(h_t, w, b, tokens, whole)
+    rows, hard = res
+    keep = target.keep & own
+    k = jnp.where(keep, k, 0)
+    g = _distillation.row_grad(self.div, *scaled, rows, (1 - self.hard) * k)
+    g = jnp.where(keep[:, None], g, 0)
+    if hard is not None:
+      m, sums = hard
+      _, pull = jax.vjp(self._hard_loss(target, m), sums)
+      (ct,) = pull(k)
+      g = g + _loss_rule.block_grad(None, block, m, target.label, keep,
+                                    ct)[0]
+    return g
+
+  def forward_and_backward(self, h_t, w, b, tokens, whole, own, k):
+    loss, res = self.forward(h_t, w, b, tokens, whole, own)
+    return loss, self.backward(h_t, w, b, tokens, whole, own, res, k)
+
+  def sharded(self, h_t, w, b, tokens, whole):
+    """Each token's loss with its row split over ``axis_name``: the max
+    and the sums cross devices (:mod:`jsoft._collectives`), and JAX
+    differentiates the tile (the hard term through the loss rule's own
+    VJP, :func:`jsoft._loss_rule.sums`)."""
+    ax = self.axis_name
+    block, target, (s_t, t_t) = self._heads(h_t, w, b, tokens, whole)
+    lse_s, lse_t = _sharded_lse(s_t, ax), _sharded_lse(t_t, ax)
+    terms = _distillation.terms(self.div, s_t - lse_s[:, None],
+                                t_t - lse_t[:, None])
+    d = _collectives.psum(jnp.sum(terms, axis=-1), ax)
+    loss = jnp.where(target.keep, (1 - self.hard) * d, 0)
+    if self.hard:
+      top = _collectives.pmax(_loss_rule.block_max(block, None), ax)
+      sums = _collectives.psum(_loss_rule.sums(None, block, top, target.label,
+                                               target.keep), ax)
+      loss = loss + self._hard_loss(target, top)(sums)
+    return loss
 
 
-def _token_bwd(head: Head, res: TokenResiduals, ct):
-  x = res.inputs
-  acc = _checks.compute_dtype(x.hs.dtype)
-
-  def body(carry, tile, own):
-    dw, db = carry
-    start, s, t, label, keep, invalid = tile
-    k = jnp.where(own & keep, _rows(ct, start, head.chunk), 0)
-    stats = jax.tree.map(lambda v: _rows(v, start, head.chunk), res.stats)
-    g = _tile_grad(head, s, t, label, stats, k, invalid)
-    dh_t, dw, db = _fold(x, g, start, head.chunk, dw, db)
-    return (dw, db), dh_t
-
-  (dw, db), dh = _tiles(head, x, body, _grad_init(x, acc, ct), remat=True)
-  return _no_teacher(_cast(x, dh, dw, db))
-
-
-def _token_fun(head, *inputs):
-  return _token_fwd(head, *inputs)[0]
-
-
-_token = _rules.vjp_rule(_token_fun, _token_fwd, _token_bwd)
-
-
-# -------------------------------------------------------- vocabulary-parallel
-
-
-def _sharded_lse(x: jax.Array, ax: Any) -> tuple[jax.Array, jax.Array]:
+def _sharded_lse(x: jax.Array, ax: Any) -> jax.Array:
   """:func:`jsoft._distillation.lse` of rows split over the mesh axis."""
   c = _collectives.pmax(row_shift(x, (-1,))[..., 0], ax)
-  s = lax.psum(jnp.sum(jnp.exp(x - c[:, None]), axis=-1), ax)
-  return c + jnp.log(mass(s)), s >= 1
+  s = _collectives.psum(jnp.sum(jnp.exp(x - c[:, None]), axis=-1), ax)
+  return c + jnp.log(mass(s))
 
 
-def _sharded_tile_loss(head: Head, s, t, label, keep, invalid):
-  """:func:`_tile_loss` with each token's row split over ``head.axis_name``:
-  the max, the sums and the label's logit cross devices (plain JAX, so JAX
-  differentiates them)."""
-  ax = head.axis_name
-  s_t, t_t = _scaled(head, s, t)
-  (lse_s, _), (lse_t, _) = _sharded_lse(s_t, ax), _sharded_lse(t_t, ax)
-  terms = _distillation.terms(head.div, s_t - lse_s[:, None],
-                              t_t - lse_t[:, None])
-  loss = (1 - head.hard) * lax.psum(jnp.sum(terms, axis=-1), ax)
-  if head.hard:
-    lse_hard = lse_s if head.div.temperature == 1.0 else _sharded_lse(s, ax)[0]
-    first = lax.axis_index(ax) * head.vocab
-    x_label = lax.psum(_label_logit(s, label, first)[0], ax)
-    loss = loss + head.hard * (lse_hard - x_label) + nan_where(invalid,
-                                                               loss.dtype)
-  return jnp.where(keep, loss, 0)
+def _sharded_loss(rule: Rows, size: int, h, w, b, kept, tokens, whole):
+  tiles = tiling.Tiles(h.shape[0], size)
 
+  def tile(_, j, start, own):
+    del j, own
+    rows = lambda x: tiling.rows(x, start, size)  # noqa: E731
+    return None, rule.sharded(rows(h), w, b, tuple(map(rows, tokens)),
+                              whole)
 
-def _sharded_loss(head: Head, x: Inputs) -> jax.Array:
-  def body(_, tile, own):
-    del own
-    _, s, t, label, keep, invalid = tile
-    return None, _sharded_tile_loss(head, s, t, label, keep, invalid)
-
-  teacher = lax.stop_gradient((x.ht, x.wt, x.bt))
-  x = x._replace(ht=teacher[0], wt=teacher[1], bt=teacher[2])
-  return _tiles(head, x, body, None, remat=True)[1]
+  whole = lax.stop_gradient(whole)
+  refs = (h, w, b, *tokens, *whole)
+  return tiling.scan_tokens(tiles, tile, None, kept=kept, remat=True,
+                            refs=refs)[1]
 
 
 # ------------------------------------------------------------------ the API
@@ -428,22 +231,36 @@ def _ld_jit(hs, ws, ht, wt, bs, bt, labels, div, hard, chunk_size,
     # out of dW (0·NaN would be NaN).
     hs = jnp.where(keep[:, None], hs, 0)
     ht = jnp.where(keep[:, None], ht, 0)
-  head = Head(div, hard, min(chunk_size or default_chunk(n, vocab), max(n, 1)),
-              vocab, axis_name)
-  x = Inputs(hs, ws, bs, ht, wt, bt, y, rows, invalid)
   acc = _checks.compute_dtype(dtype)
-  if axis_name is None and reduction != "none" and n:
+  if not n:
+    loss = jnp.zeros((0,), acc)
+    return loss.reshape(batch) if reduction == "none" else jnp.sum(loss)
+  size = min(chunk_size or tiling.token_tile(n, vocab, "distillation"), n)
+  rule = Rows(div, hard, vocab, axis_name)
+  coef = None
+  if reduction != "none":
     count = jnp.sum(rows.astype(acc))
     coef = rows.astype(acc)
     if reduction == "mean":
       coef = coef / jnp.where(count == 0, 1, count)
-    return _scalar(head, lax.stop_gradient(coef), *x)
-  if not n:
-    loss = jnp.zeros((0,), acc)
-  elif axis_name is None:
-    loss = _token(head, *x)
+  compaction, kept = None, None
+  tokens = (ht, y, rows, invalid)
+  if keep is not None and n >= tiling.COMPACT_MIN_TOKENS:
+    # Ignored tokens gathered out of the tile loop.
+    compaction = tiling.Compaction.of(keep)
+    hs, coef, kept = compaction.gather(hs), compaction.gather(coef), \
+        compaction.count
+    tokens = tuple(map(compaction.gather, tokens))
+  whole = (wt, bt)
+  if axis_name is None and reduction != "none":
+    return _drivers.reduced(rule, size, hs, ws, bs, coef, kept, tokens,
+                            whole)
+  if axis_name is None:
+    loss = _drivers.per_token(rule, size, hs, ws, bs, kept, tokens, whole)
   else:
-    loss = _sharded_loss(head, x)
+    loss = _sharded_loss(rule, size, hs, ws, bs, kept, tokens, whole)
+  if compaction is not None:
+    loss = compaction.scatter(loss)
   if reduction == "none":
     return loss.reshape(batch)
   return _options.reduce(loss, reduction, keep)

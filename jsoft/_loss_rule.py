@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _fusion, _rules
+from jsoft import _checks, _collectives, _rules, _spellings
 from jsoft._softcap import LogitMap, apply
 from jsoft._softmax import masked, mass, nan_where, row_shift
 
@@ -101,7 +101,7 @@ def _excluded(valid: jax.Array | None) -> jax.Array | None:
   """The entries a max or argmax must skip: a boolean mask's; none for a
   bias mask, whose entries are real logits counted by another block (the
   fused head's overlapping tile), which a max may see twice."""
-  return None if _fusion.is_bias(valid) else valid
+  return None if _spellings.is_bias(valid) else valid
 
 
 class Sums(NamedTuple):
@@ -126,13 +126,13 @@ def block_max(block: Block, lmap: LogitMap | None,
   number. Mapped after the max: the logit map is increasing.
 
   With ``label``, the label's logit takes part too (it is one of the
-  entries, so the max is the same): see :func:`jsoft._fusion.after_label`.
+  entries, so the max is the same): see :func:`jsoft._spellings.after_label`.
   """
   x = _raw(block)
   c = row_shift(masked(x, _excluded(block.valid)), (-1,))[..., 0]
   if label is not None and x.shape[-1]:
     x_label, present = _gather(block, label)
-    c = _fusion.after_label(c, jnp.where(present, x_label, -jnp.inf))
+    c = _spellings.after_label(c, jnp.where(present, x_label, -jnp.inf))
   if lmap is None:
     return c
   if lmap.cap is None and lmap.scale > 1:
@@ -150,7 +150,7 @@ def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
   at = jnp.clip(local, 0, width - 1)[..., None]
   x_label = jnp.take_along_axis(x, at, axis=-1)[..., 0]
   if block.valid is not None:
-    valid = jnp.broadcast_to(_fusion.kept(block.valid), x.shape)
+    valid = jnp.broadcast_to(_spellings.kept(block.valid), x.shape)
     present = present & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
   return x_label, present
 
@@ -195,13 +195,13 @@ def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
   """:func:`block_sums`, and the ``e^z`` it summed (for the gradient)."""
   c = shift[..., None]
   x = _raw(block)
-  z = _fusion.shifted(x, c, block.valid, lmap)
+  z = _spellings.shifted(x, c, block.valid, lmap)
   e = jnp.exp(z)
   x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    d = _dense_sum(block.dense, _fusion.shifted(x, c, block.valid, lmap,
-                                                _fusion.SECOND))
+    d = _dense_sum(block.dense, _spellings.shifted(x, c, block.valid, lmap,
+                                                _spellings.SECOND))
   h = None
   if entropy:
     h = jnp.sum(e * -_finite(z), axis=-1)
@@ -234,8 +234,8 @@ def block_argmax(lmap: LogitMap | None, block: Block,
   # x̃ compared with the shift, the map of the raw max: the same bits where
   # x̃ is the max. Not x̃ − c == 0: XLA may contract x·r − c into a fused
   # multiply-add, which does not round x·r.
-  x = masked(_fusion.mapped(lax.stop_gradient(_raw(block)), lmap,
-                            _fusion.SECOND), _excluded(block.valid))
+  x = masked(_spellings.mapped(lax.stop_gradient(_raw(block)), lmap,
+                            _spellings.SECOND), _excluded(block.valid))
   cols = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) + block.first
   top = x == lax.stop_gradient(shift)[..., None]
   return jnp.min(jnp.where(top, cols, NO_CLASS), axis=-1, initial=NO_CLASS)
@@ -258,10 +258,10 @@ def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
   if lmap is not None:
     shift = apply(shift, lmap)
   c = shift[..., None]
-  z = _fusion.shifted(x, c, None, lmap)
+  z = _spellings.shifted(x, c, None, lmap)
   log_s = jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))
-  if not _fusion.one_kernel(x.size // max(x.shape[-1], 1)):
-    z = _fusion.shifted(x, c, None, lmap, _fusion.SECOND)
+  if not _spellings.one_kernel(x.size // max(x.shape[-1], 1)):
+    z = _spellings.shifted(x, c, None, lmap, _spellings.SECOND)
   loss = jnp.sum(block.dense * (log_s - z), axis=-1)
   log_s = log_s[..., 0]
   if target.label is not None:
@@ -285,7 +285,7 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
   the forward's ``e^z``, if it kept them (the plain driver), else they are
   recomputed (the fused head's tiles).
   """
-  gap, slope = _fusion.gap_with_slope(_raw(block), shift[..., None],
+  gap, slope = _spellings.gap_with_slope(_raw(block), shift[..., None],
                                         block.valid, lmap)
   e = jnp.exp(-gap) if exp is None else exp
   g = e * ct.exp[..., None]

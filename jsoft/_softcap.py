@@ -5,7 +5,7 @@ slope.
 The map is increasing, so the row max of the mapped logits is the map of
 the raw row max: the shift costs no ``tanh`` per logit, and the mapped
 logits are only ever computed inside the loops that consume them (each
-pass spells them its own way: :mod:`jsoft._fusion`). The factor ``a/T``
+pass spells them its own way: :mod:`jsoft._spellings`). The factor ``a/T``
 (or ``1/T``) is one constant, so every spelling rounds the same.
 
 The gradient pass needs the slope
@@ -50,7 +50,7 @@ def logit_map(cap: float | None, temperature: float) -> LogitMap | None:
 
 def apply(x: jax.Array, m: LogitMap) -> jax.Array:
   """``x̃`` from ``x``, spelled as the forward's first pass
-  (:data:`jsoft._fusion.FIRST`), so the bits agree with it."""
+  (:data:`jsoft._spellings.FIRST`), so the bits agree with it."""
   if m.cap is None:
     return x * m.scale
   return m.scale * jnp.tanh(x / m.cap)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _fusion
+from jsoft import _checks, _spellings
 
 Axis = int | tuple[int, ...] | None
 
@@ -110,7 +110,7 @@ def _softmax(x: jax.Array, axis: tuple[int, ...],
              where: jax.Array | None) -> jax.Array:
   x = masked(x, where)
   e = jnp.exp(x - row_shift(x, axis))
-  return e / _fusion.guarded_mass(jnp.sum(e, axis=axis, keepdims=True))
+  return e / _spellings.guarded_mass(jnp.sum(e, axis=axis, keepdims=True))
 
 
 @_softmax.defjvp
@@ -129,7 +129,7 @@ def _log_softmax(x: jax.Array, axis: tuple[int, ...],
   z = x - row_shift(x, axis)
   s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
   # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
-  return z - jnp.log(_fusion.guarded_mass(s))
+  return z - jnp.log(_spellings.guarded_mass(s))
 
 
 @_log_softmax.defjvp

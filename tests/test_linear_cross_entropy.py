@@ -15,7 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jsoft
-from jsoft import _compat, _linear_cross_entropy
+from jsoft import _compat
 from tests import helpers
 
 lce = jsoft.linear_cross_entropy
@@ -411,19 +411,3 @@ def test_tile_by_picks_the_loop():
                 f"(XLA drops it); this is jax {jax.__version__}")
   assert dots("vocab_padded", None) == 4
   assert dots("tokens_padded", "classes") == 4
-
-
-def test_default_class_tiles():
-  # Over classes the step (tile 4·N·c, hᵀ and dh's share 8·N·D, W's tile
-  # 4·D·c) within 31/32 of twice the budget (1/64 of the logits, at most
-  # 16 MiB): at N=8192, D=256, (31 MiB − 16 MiB) / (4·8448 B) = 465.4,
-  # so 464 classes; at V=32000 the budget is 15.6 MiB: 442.9, so 440.
-  # Where hᵀ leaves no room, the budget's own tile without it. Over
-  # tokens, 8 MiB (256 tokens at V=8192).
-  tiles = _linear_cross_entropy.class_tiles
-  assert tiles(8192, 256, 32768, None) == (464, True)
-  assert tiles(8192, 256, 32000, None) == (440, True)
-  assert tiles(4096, 4096, 32768, None) == (512, False)  # 8 MiB; D > c
-  assert tiles(8192, 256, 32768, 128) == (128, False)  # as asked; D > c
-  assert tiles(8192, 256, 32768, 256) == (256, True)
-  assert _linear_cross_entropy.default_chunk(32768, 8192) == 256

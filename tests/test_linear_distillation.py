@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jsoft
-from jsoft import _compat, _linear_distillation
+from jsoft import _compat
 from tests import helpers
 
 ld = jsoft.linear_distillation_loss
@@ -184,12 +184,6 @@ def test_vmap_and_jvp():
   _, want = jax.jvp(lambda hs: helpers.jax_linear_distill(hs, ws, ht, wt),
                     (hs,), (tangent,))
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
-
-
-def test_default_chunk():
-  assert _linear_distillation.default_chunk(4096, 32768) == 128
-  assert _linear_distillation.default_chunk(5, 32768) == 5
-  assert _linear_distillation.default_chunk(1 << 20, 256) % 8 == 0
 
 
 @pytest.mark.parametrize("kw,error,match", [

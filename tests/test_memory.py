@@ -1,6 +1,6 @@
 """XLA's temp memory for every kernel the README calls lean.
 
-These pin the spellings in ``jsoft/_fusion.py``: XLA keeps each pass over
+These pin the spellings in ``jsoft/_spellings.py``: XLA keeps each pass over
 the logits a fused loop only as long as no [N, C] value is shared between
 passes, and a JAX upgrade that changes how it fuses would quietly bring an
 [N, C] temporary back. XLA's compile-time figures are exact, so the bounds
@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jsoft
-from jsoft import _linear_cross_entropy, _linear_distillation
+from jsoft import _tiling as tiling
 from tests import helpers
 
 F32 = jnp.float32
@@ -28,9 +28,10 @@ prob_ce = jsoft.softmax_cross_entropy
 SHAPES = {"4096_rows": (4096, 256), "128_rows": (128, 2048)}
 IGNORE = -100
 
-pytestmark = helpers.needs_jax((0, 10, 2), "the spellings in jsoft/_fusion.py "
-                               "are XLA's of that release; older XLA keeps "
-                               "some [N, C] temporaries, same values")
+pytestmark = helpers.needs_jax((0, 10, 2), "the spellings in "
+                               "jsoft/_spellings.py are XLA's of that "
+                               "release; older XLA keeps some [N, C] "
+                               "temporaries, same values")
 
 
 def _temp(f, *args):
@@ -186,18 +187,17 @@ def test_lm_head_step_writes_the_gradient_over_the_logits(shape, option):
 
 def _fused_bound(n, d, v, chunk, compacted=False, scalar=False,
                  by_tokens=None):
-  """The README's peak-memory bound of linear_cross_entropy: with ignored
-  tokens from 1024 tokens on, plus the kept tokens' gathered features and
-  their gradient; differentiated and reduced to a scalar over tiles of
-  tokens (gradients formed in the forward pass), 16·c·V for the tiles.
+  """linear_cross_entropy's documented bound (jsoft._tiling.peak_bytes):
+  ``scalar``, differentiated and reduced to a scalar (over tiles of tokens,
+  the gradients formed in the forward pass); ``compacted``, ignored tokens
+  gathered out (from 1024 tokens on; over classes, in row tiles).
   ``by_tokens``: the loop (None: the default, tokens when N ≥ V)."""
-  extra = 8 * n * d if compacted else 0
   if n >= v if by_tokens is None else by_tokens:
-    tiles = 16 if scalar and not compacted else 8
-    return tiles * chunk * v + 4 * d * v + 4 * n * d + 16 * n + extra
-  transposed = 4 * n * d if d <= chunk else 0  # hᵀ, kept when D ≤ c
-  return (8 * n * chunk + 4 * n * d + 4 * d * v + 16 * n + transposed
-          + extra)
+    return tiling.peak_bytes("tokens", n, d, v, chunk, compacted=compacted,
+                             reduced=scalar)
+  rows = tiling.row_tile(n) if compacted else None
+  return tiling.peak_bytes("classes", n, d, v, chunk, rows=rows,
+                           compacted=compacted)
 
 
 FUSED = {  # (N, D, V, chunk): both loop orders, padded tiles
@@ -235,7 +235,7 @@ def test_default_chunk_keeps_the_fused_head_under_a_sixteenth():
   def loss(h, w):
     return jsoft.linear_cross_entropy(h, w, y, reduction="mean")
 
-  chunk = _linear_cross_entropy.default_chunk(n, v)
+  chunk = tiling.token_tile(n, v)
   temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
   assert temp <= _fused_bound(n, d, v, chunk, scalar=True)
   assert temp <= 4 * n * v / 16
@@ -278,7 +278,7 @@ def test_lm_head_tiles_within_their_share_of_the_unfused_loss(tile_by, chunk,
   temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
   by_tokens = tile_by == "tokens"
   length, other = (n, v) if by_tokens else (v, n)
-  c = chunk or _linear_cross_entropy.class_tiles(n, d, v, None)[0]
+  c = chunk or tiling.class_tile(n, d, v, None)[0]
   assert temp <= _fused_bound(n, d, v, c, scalar=True, by_tokens=by_tokens)
   assert temp <= 4 * n * v / share
 
@@ -301,11 +301,12 @@ def test_sharded_fused_head_per_device_within_its_bound():
   assert _temp(step, h, w, y) <= _fused_bound(n, d, v // shards, chunk)
 
 
-def _distill_bound(n, d, v, chunk, tiles):
-  """linear_distillation_loss's documented peak: ``tiles`` float32 tiles
-  of logits (``4·c·V`` bytes each), dW and W's transpose, dh, and numbers
-  per token."""
-  return tiles * 4 * chunk * v + 8 * d * v + 4 * n * d + 64 * n
+def _distill_bound(n, d, v, chunk, tiles, compacted=False):
+  """linear_distillation_loss's documented bound (jsoft._tiling.peak_bytes)
+  with ``tiles`` float32 tiles of logits; ``compacted``: ignored tokens
+  gathered out (labels with ignore_index, from 1024 tokens on)."""
+  return tiling.peak_bytes("distillation", n, d, v, chunk, tiles=tiles,
+                           compacted=compacted)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
@@ -324,9 +325,9 @@ def test_fused_distillation_within_its_documented_bound(kind, hard,
         divergence=kind, temperature=2.0, chunk_size=chunk,
         reduction=reduction))
 
-  assert _temp(loss, hs, ws) <= _distill_bound(n, d, v, chunk, 12)
-  assert _temp(jax.value_and_grad(loss, argnums=(0, 1)), hs, ws) <= (
-      _distill_bound(n, d, v, chunk, 12))
+  bound = _distill_bound(n, d, v, chunk, 12, compacted=True)
+  assert _temp(loss, hs, ws) <= bound
+  assert _temp(jax.value_and_grad(loss, argnums=(0, 1)), hs, ws) <= bound
 
 
 def test_fused_distillation_default_under_a_sixteenth_of_unfused():
@@ -341,7 +342,7 @@ def test_fused_distillation_default_under_a_sixteenth_of_unfused():
     return jsoft.distillation_loss(hs @ ws, ht @ wt, reduction="mean")
 
   temp = _temp(jax.value_and_grad(fused, argnums=(0, 1)), hs, ws)
-  chunk = _linear_distillation.default_chunk(n, v)
+  chunk = tiling.token_tile(n, v, "distillation")
   assert temp <= _distill_bound(n, d, v, chunk, 5)
   assert temp <= _temp(jax.value_and_grad(unfused, argnums=(0, 1)), hs,
                        ws) / 16
