@@ -74,7 +74,8 @@ def _class_block(loop: Loop, tiles: tiling.Tiles, h, w, b, dense, j, start,
   if dense is not None and bias is not None:
     dense = jnp.where(_spellings.kept(bias), dense, 0)
   first = _collectives.first_class(loop.axis_name, loop.vocab) + start
-  return Block(tiling.logits(h, w_t, b_t, acc), bias, first, dense), w_t
+  return Block(tiling.logits(h, w_t, b_t, acc), None, first, dense,
+               bias), w_t
 
 
 def _row_sums(loop: Loop, h, w, b, label, dense, refs):

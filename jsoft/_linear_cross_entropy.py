@@ -3,10 +3,12 @@ r"""``linear_cross_entropy``: the loss of an LM head without its logits.
 For a language-model head the logits ``[N, V]`` dominate memory (8192
 tokens × 128k vocabulary in float32 is 4 GiB, and as much again for their
 gradient). :func:`linear_cross_entropy` is the integer-label loss of
-``h @ W + b`` computed by the fused driver (:mod:`jsoft._fused`), which
-holds one tile of logits at a time; this module checks the arguments,
-picks the loop order and the tile, and combines the per-token sums with the
-same rule as the unfused loss.
+``h @ W + b`` computed one tile of logits at a time (:mod:`jsoft._tiling`):
+the per-token sums of :mod:`jsoft._head`, or, reduced to a scalar over
+tiles of tokens, the row rule :class:`Rows` run by
+:func:`jsoft._drivers.reduced`. This module checks the arguments, picks the
+loop order and the tile, and combines the per-token sums with the same rule
+as the unfused loss.
 """
 
 from __future__ import annotations
@@ -274,30 +276,24 @@ def linear_cross_entropy(
   that is not differentiated does no gradient work). Every autodiff mode
   works (``jvp``, ``hessian``, HVPs), as for the unfused loss.
 
-  Peak memory beyond inputs and outputs, in bytes, for ``N`` tokens, ``D``
-  features, ``V`` classes and tiles of ``c``: at most ``8·c·V`` (a float32 tile
-  of logits and its gradient) plus ``4·D·V`` (the float32 ``dW`` being
-  accumulated) plus ``4·N·D`` (``dh``, gathered from the tiles) when looping
-  over tokens; ``8·N·c`` plus ``4·N·D`` (the float32 ``dh``) plus ``4·D·V``
-  (the float32 ``dW`` being filled) plus ``4·N·D`` (``hᵀ``, kept when
-  ``D ≤ c``) when looping over classes; plus ``16·N``
-  (numbers per token) either way; ``16·c·V`` for the tiles instead of ``8·c·V``
-  when, reduced to a scalar and differentiated over tiles of tokens, the
-  gradients are formed in the forward pass (three matmuls per tile instead of
-  four: :mod:`jsoft._fused_scalar`); plus ``8·N·D`` when, from 1024 tokens on,
-  ignored tokens are gathered out so that no tile is spent on them
-  (``tests/test_memory.py`` holds it to that). The unfused loss needs at least
-  ``4·N·V``. ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/64
-  of the full logits, clamped to 1–8 MiB over tokens (a multiple of 8
-  rows); over classes, so that the tile, ``hᵀ`` and a tile's share of
-  ``dh`` fit twice that, clamped to 1–16 MiB (:func:`class_tiles`).
+  Ignored tokens (``ignore_index``, ``where``) cost in proportion to the
+  kept ones: from 1024 tokens on they are gathered behind the kept tokens
+  and the tiles that hold none are skipped at run time (a ``lax.cond`` per
+  tile; over classes, the tokens go in 16 row tiles).
 
-  Time against memory: over classes the fourth matmul costs time (measured
-  1.07× the unfused loss at 1/33 of its memory by default, N=8192, D=256,
-  V=32768, CPU); ``tile_by="tokens"`` with a reduced loss needs the
-  ``[D, V]`` float32 ``dW`` and tiles of whole rows, and buys speed with
-  them (0.84× at 1/4.6 with 512-token tiles at that shape). The README
-  tabulates the trade (``python -m bench tiles``).
+  Peak memory beyond inputs and outputs, for ``N`` tokens, ``D``
+  features, ``V`` classes and tiles of ``c``, is bounded by
+  :func:`jsoft._tiling.peak_bytes` (``tests/test_memory.py`` holds XLA to
+  it): over tokens, two float32 tiles of logits (``8·c·V``; four when the
+  gradients are formed in the forward pass), ``dW`` (``4·D·V``) and ``dh``
+  (``4·N·D``); over classes, ``8·N·c``, ``dh``, ``dW`` and ``hᵀ`` (when
+  ``D ≤ c``); plus numbers per token, and the gathered features and their
+  gradient (``8·N·D``) when ignored tokens are gathered out. The unfused
+  loss needs at least ``4·N·V``. ``chunk_size=None`` picks ``c`` from a
+  byte budget (:data:`jsoft._tiling.BUDGETS`: 1/64 of the logits, at most
+  8 MiB a token tile; over classes the whole step within twice 16 MiB).
+  Over classes the fourth matmul costs time, over tokens ``dW`` costs
+  memory: ``python -m bench tiles`` measures the trade.
 
   Args:
     hidden: ``[..., D]`` floating features.

@@ -313,16 +313,18 @@ def linear_distillation_loss(
   backward pass. The teacher is a constant: no gradient reaches
   ``teacher_*``, and no matmul is spent on one. Every autodiff mode works.
 
-  Peak memory beyond inputs and outputs, in bytes, for tiles of ``c``
-  tokens: ``12·c·V`` to ``20·c·V`` for forward KL at ``T = 1`` (both
-  float32 tiles of logits and the gradient tile), up to ``48·c·V`` with
-  the JSD, a temperature and the hard loss (more per-entry temporaries),
-  plus ``8·D_s·V`` (``dW_s`` and a transposed copy of ``W_s``) and
-  ``4·N·D_s`` (``dh_s``) (``tests/test_memory.py`` holds it to that); the
-  unfused composition holds at least ``8·N·V`` (both heads' logits).
+  Peak memory beyond inputs and outputs, for tiles of ``c`` tokens, is
+  bounded by :func:`jsoft._tiling.peak_bytes` (``tests/test_memory.py``
+  holds XLA to it): from three float32 ``[c, V]`` tiles (both heads'
+  logits and the gradient tile) for forward KL at ``T = 1`` to twelve with
+  the JSD, a temperature and the hard loss, plus ``dW_s`` and a transposed
+  copy of ``W_s`` (``8·D_s·V``) and ``dh_s`` (``4·N·D_s``); the unfused
+  composition holds at least ``8·N·V`` (both heads' logits).
   ``chunk_size=None`` picks ``c`` so that one float32 tile is 1/32 of one
-  head's logits, clamped to 1–16 MiB (a multiple of 8 tokens): at 4096
-  tokens and 32768 classes, 128 tokens per tile.
+  head's logits, clamped to 1–16 MiB (:data:`jsoft._tiling.BUDGETS`).
+  Ignored tokens cost in proportion to the kept ones: from 1024 tokens on
+  they are gathered behind the kept tokens and the tiles that hold none
+  are skipped.
 
   Args:
     student_hidden: ``[..., D_s]`` floating features of the student.

@@ -89,19 +89,21 @@ class Target(NamedTuple):
 class Block(NamedTuple):
   """A block of classes of every example: a row, a shard or a tile."""
   logits: jax.Array  # [..., width] raw logits x (x̃ is their LogitMap)
-  # bool, broadcastable to logits; or a float bias, 0 or hugely negative,
-  # for real logits another block counts (a sum skips them, a max may see
-  # them twice); None: all valid
-  valid: jax.Array | None
+  # bool, broadcastable to logits: the entries that take part (a max, a
+  # sum and the gradient skip the others); None: all of them
+  mask: jax.Array | None
   first: Any  # the global index of the block's first class
   dense: Any  # u on the block, broadcastable to logits; None: no dense part
+  # float, broadcastable to logits, 0 or hugely negative: added to the
+  # logits, for real logits another block counts (the fused head's
+  # overlapping class tile: a sum skips them, a max may see them twice);
+  # None: none. Never together with a mask.
+  bias: jax.Array | None = None
 
 
-def _excluded(valid: jax.Array | None) -> jax.Array | None:
-  """The entries a max or argmax must skip: a boolean mask's; none for a
-  bias mask, whose entries are real logits counted by another block (the
-  fused head's overlapping tile), which a max may see twice."""
-  return None if _spellings.is_bias(valid) else valid
+def _masking(block: Block) -> jax.Array | None:
+  """The block's mask or its bias, as :mod:`jsoft._spellings` takes it."""
+  return block.mask if block.bias is None else block.bias
 
 
 class Sums(NamedTuple):
@@ -129,7 +131,7 @@ def block_max(block: Block, lmap: LogitMap | None,
   entries, so the max is the same): see :func:`jsoft._spellings.after_label`.
   """
   x = _raw(block)
-  c = row_shift(masked(x, _excluded(block.valid)), (-1,))[..., 0]
+  c = row_shift(masked(x, block.mask), (-1,))[..., 0]
   if label is not None and x.shape[-1]:
     x_label, present = _gather(block, label)
     c = _spellings.after_label(c, jnp.where(present, x_label, -jnp.inf))
@@ -149,8 +151,8 @@ def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
   present = (local >= 0) & (local < width)
   at = jnp.clip(local, 0, width - 1)[..., None]
   x_label = jnp.take_along_axis(x, at, axis=-1)[..., 0]
-  if block.valid is not None:
-    valid = jnp.broadcast_to(_spellings.kept(block.valid), x.shape)
+  if _masking(block) is not None:
+    valid = jnp.broadcast_to(_spellings.kept(_masking(block)), x.shape)
     present = present & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
   return x_label, present
 
@@ -195,12 +197,12 @@ def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
   """:func:`block_sums`, and the ``e^z`` it summed (for the gradient)."""
   c = shift[..., None]
   x = _raw(block)
-  z = _spellings.shifted(x, c, block.valid, lmap)
+  z = _spellings.shifted(x, c, _masking(block), lmap)
   e = jnp.exp(z)
   x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    d = _dense_sum(block.dense, _spellings.shifted(x, c, block.valid, lmap,
+    d = _dense_sum(block.dense, _spellings.shifted(x, c, _masking(block), lmap,
                                                 _spellings.SECOND))
   h = None
   if entropy:
@@ -235,7 +237,7 @@ def block_argmax(lmap: LogitMap | None, block: Block,
   # x̃ is the max. Not x̃ − c == 0: XLA may contract x·r − c into a fused
   # multiply-add, which does not round x·r.
   x = masked(_spellings.mapped(lax.stop_gradient(_raw(block)), lmap,
-                            _spellings.SECOND), _excluded(block.valid))
+                            _spellings.SECOND), block.mask)
   cols = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) + block.first
   top = x == lax.stop_gradient(shift)[..., None]
   return jnp.min(jnp.where(top, cols, NO_CLASS), axis=-1, initial=NO_CLASS)
@@ -286,7 +288,7 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
   recomputed (the fused head's tiles).
   """
   gap, slope = _spellings.gap_with_slope(_raw(block), shift[..., None],
-                                        block.valid, lmap)
+                                        _masking(block), lmap)
   e = jnp.exp(-gap) if exp is None else exp
   g = e * ct.exp[..., None]
   if ct.entropy is not None:
@@ -318,25 +320,25 @@ class SumsResiduals(NamedTuple):
   exp: jax.Array  # the forward's e^z, which the gradient scales
 
 
-def _sums_fun(static, logits, valid, first, dense, label, keep, shift):
+def _sums_fun(static, logits, mask, first, dense, label, keep, shift):
   lmap, entropy = static
-  out = block_sums(lmap, Block(logits, valid, first, dense), shift, label,
+  out = block_sums(lmap, Block(logits, mask, first, dense), shift, label,
                    entropy)
   # Typed to vary like every input, so cotangents arrive per device
   # (see jsoft._collectives).
-  return _collectives.varying_tree(out, logits, valid, dense, label, keep,
+  return _collectives.varying_tree(out, logits, mask, dense, label, keep,
                                    shift)
 
 
-def _sums_fwd(static, logits, valid, first, dense, label, keep, shift):
+def _sums_fwd(static, logits, mask, first, dense, label, keep, shift):
   lmap, entropy = static
-  block = Block(logits, valid, first, dense)
+  block = Block(logits, mask, first, dense)
   # The gradient scales the forward's e^z rather than recompute them: the
   # exp (and the cap's tanh), not memory, bounds these passes, and XLA
   # writes e into the buffer the gradient then takes (the logits', when
   # they die here).
   out, e = block_sums_and_exp(lmap, block, shift, label, entropy)
-  out = _collectives.varying_tree(out, logits, valid, dense, label, keep,
+  out = _collectives.varying_tree(out, logits, mask, dense, label, keep,
                                   shift)
   return out, SumsResiduals(block, label, keep, shift, e)
 
@@ -362,25 +364,25 @@ def sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
   """:func:`block_sums`, differentiable in every mode through
   :func:`block_grad` (with respect to the logits and a per-example dense
   target)."""
-  return _sums((lmap, entropy), block.logits, block.valid, block.first,
+  return _sums((lmap, entropy), block.logits, block.mask, block.first,
                block.dense, label, keep, lax.stop_gradient(shift))
 
 
-def rebase(s: Sums, shift: jax.Array, new_shift: jax.Array,
+def rebase(sums: Sums, shift: jax.Array, new_shift: jax.Array,
            dense_mass: Any) -> Sums:
-  """``s`` relative to ``new_shift ≥ shift`` instead (``dense_mass`` is the
+  """``sums`` relative to ``new_shift ≥ shift`` instead (``dense_mass`` is the
   block's ``Σ u``). Both changes have the sign of the sums: exact."""
   moved = jnp.exp(shift - new_shift)
   dense = None
-  if s.dense is not None:
-    dense = s.dense + dense_mass * (new_shift - shift)
+  if sums.dense is not None:
+    dense = sums.dense + dense_mass * (new_shift - shift)
   entropy = None
-  if s.entropy is not None:
+  if sums.entropy is not None:
     # Σ e^z'·(−z') with z' = z − δ, δ = new_shift − shift ≥ 0:
     # e^−δ·(Σ e^z·(−z) + δ·s); 0 for a block with no mass.
-    entropy = jnp.where(s.exp == 0, 0,
-                        (s.entropy + (new_shift - shift) * s.exp) * moved)
-  return Sums(s.exp * moved, s.label, dense, entropy)
+    entropy = jnp.where(sums.exp == 0, 0,
+                        (sums.entropy + (new_shift - shift) * sums.exp) * moved)
+  return Sums(sums.exp * moved, sums.label, dense, entropy)
 
 
 def add(a: Sums, b: Sums) -> Sums:
@@ -388,20 +390,20 @@ def add(a: Sums, b: Sums) -> Sums:
   return jax.tree.map(jnp.add, a, b)
 
 
-def row_loss(target: Target, shift: jax.Array, s: Sums,
+def row_loss(target: Target, shift: jax.Array, sums: Sums,
              z_loss: float) -> jax.Array:
   """The per-example loss from a whole row's sums (plain JAX)."""
-  log_s = jnp.log(mass(s.exp))
+  log_s = jnp.log(mass(sums.exp))
   loss = None
   if target.label is not None:
     # −log softmax(x̃)_y = log s − (x̃_y − c): from the shifted logits, so
     # [-1000]*3 gives log 3 − 0 exactly. A label without mass gives +inf.
-    loss = log_s - (s.label - shift)
+    loss = log_s - (sums.label - shift)
     if not (isinstance(target.label_mass, float)
             and target.label_mass == 1.0):
       loss = target.label_mass * loss
-  if s.dense is not None:
-    dense = log_s * target.dense_mass + s.dense  # Σ u·(log s − z)
+  if sums.dense is not None:
+    dense = log_s * target.dense_mass + sums.dense  # Σ u·(log s − z)
     loss = dense if loss is None else loss + dense
   if z_loss:
     loss = loss + z_loss * jnp.square(shift + log_s)

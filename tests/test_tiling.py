@@ -1,0 +1,193 @@
+"""The one tile loop (jsoft/_tiling.py): its tile policy, its scans, the
+gather-out of ignored tokens, and the memory bound of each loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsoft
+from jsoft import _tiling as tiling
+from tests import helpers
+
+IGNORE = -100
+MIB = 2**20
+
+
+def test_default_token_tiles():
+  # 1/64 of the logits, clamped to [1, 8] MiB, a multiple of 8 rows: at
+  # V=8192, 8 MiB / (4·8192 B) = 256 tokens; at N=64, V=1000 the budget is
+  # the 1 MiB floor: 262 rows, at most N.
+  assert tiling.token_tile(32768, 8192) == 256
+  assert tiling.token_tile(8192, 32768) == 64
+  assert tiling.token_tile(64, 1000) == 64
+  assert tiling.token_tile(5000, 1000) == 256  # 1 MiB: 262 → 256
+  # The distillation head's tiles: 1/32 of one head's logits, [1, 16] MiB.
+  assert tiling.token_tile(4096, 32768, "distillation") == 128
+  assert tiling.token_tile(5, 32768, "distillation") == 5
+  assert tiling.token_tile(1 << 20, 256, "distillation") % 8 == 0
+
+
+def test_default_class_tiles():
+  # Over classes the step (tile 4·N·c, hᵀ and dh's share 8·N·D, W's tile
+  # 4·D·c) within 31/32 of twice the budget (1/64 of the logits, at most
+  # 16 MiB): at N=8192, D=256, (31 MiB − 16 MiB) / (4·8448 B) = 465.4,
+  # so 464 classes; at V=32000 the budget is 15.6 MiB: 442.9, so 440.
+  # Where hᵀ leaves no room, the budget's own tile without it.
+  tile = tiling.class_tile
+  assert tile(8192, 256, 32768, None) == (464, True)
+  assert tile(8192, 256, 32000, None) == (440, True)
+  assert tile(4096, 4096, 32768, None) == (512, False)  # 8 MiB; D > c
+  assert tile(8192, 256, 32768, 128) == (128, False)  # as asked; D > c
+  assert tile(8192, 256, 32768, 256) == (256, True)
+
+
+def test_row_tiles_of_a_compacted_class_loop():
+  # 1/16 of the tokens, rounded up to a multiple of 8.
+  assert tiling.row_tile(8192) == 512
+  assert tiling.row_tile(1000) == 64  # 62.5 → 63 → 64
+  assert tiling.row_tile(4) == 4
+
+
+def test_tiles_overlap_at_the_end_without_padding():
+  t = tiling.Tiles(10, 4)  # tiles at 0, 4 and 6 (not 8: it ends at 10)
+  assert t.count == 3 and t.overlaps
+  assert [int(t.start(j)) for j in range(3)] == [0, 4, 6]
+  # The last tile's first two rows (6, 7) belong to the tile before.
+  np.testing.assert_array_equal(t.own(2, t.start(2), (4,), 0),
+                                [False, False, True, True])
+  stacked = jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]])
+  np.testing.assert_array_equal(t.untile(stacked), np.arange(10))
+  assert not tiling.Tiles(8, 4).overlaps
+
+
+@pytest.mark.parametrize("kept,runs", [(0, 0), (1, 1), (4, 1), (5, 2),
+                                       (9, 3), (10, 3)])
+def test_scan_runs_only_the_tiles_that_hold_kept_rows(kept, runs):
+  # Tile j runs when j·size < kept: ⌈kept/size⌉ tiles. A skipped tile
+  # leaves the carry and gives zeros.
+  tiles = tiling.Tiles(10, 4)
+
+  def body(count, j, start, own):
+    del j, own
+    return count + 1, (jnp.arange(4, dtype=jnp.int32) + start + 1).astype(
+        jnp.float32)
+
+  count, out = jax.jit(lambda k: tiling.scan_tokens(
+      tiles, body, jnp.int32(0), kept=k))(jnp.int32(kept))
+  assert int(count) == runs
+  want = np.arange(1, 11, dtype=np.float32)  # every tile run
+  if runs < 3:
+    want[runs * 4:] = 0
+  np.testing.assert_array_equal(out, want)
+
+
+def test_compaction_puts_kept_tokens_first_in_order():
+  keep = jnp.asarray([False, True, False, True, True, False])
+  c = tiling.Compaction.of(keep)
+  np.testing.assert_array_equal(c.order, [1, 3, 4, 0, 2, 5])
+  assert int(c.count) == 3
+  x = jnp.arange(6.0) * 10
+  np.testing.assert_array_equal(c.gather(x), [10, 30, 40, 0, 20, 50])
+  np.testing.assert_array_equal(c.scatter(c.gather(x)), x)
+
+
+def test_compaction_gradient_is_the_inverse_gather():
+  keep = jnp.asarray([True, False, True, False, False, True, True])
+  c = tiling.Compaction.of(keep)
+  weights = np.arange(1.0, 8.0)
+  x = np.linspace(-1, 1, 7)
+
+  def f(x):
+    return jnp.sum(weights * c.gather(x) ** 2)
+
+  # d/dx_i Σ_j w_j x_order[j]² = 2·w_back[i]·x_i
+  order = np.asarray(c.order)
+  back = np.argsort(order)
+  np.testing.assert_allclose(jax.grad(f)(x), 2 * weights[back] * x)
+  t = np.ones(7)
+  np.testing.assert_allclose(jax.jvp(f, (x,), (t,))[1],
+                             np.sum(2 * weights * x[order]))
+
+
+def test_peak_bytes_by_hand():
+  # Tokens: 8·c·V + 4·D·V + 4·N·D + 16·N.
+  assert tiling.peak_bytes("tokens", 100, 8, 50, 10) == (
+      8 * 10 * 50 + 4 * 8 * 50 + 4 * 100 * 8 + 16 * 100)
+  # Reduced: 16·c·V; gathered out: + 8·N·D.
+  assert tiling.peak_bytes("tokens", 100, 8, 50, 10, reduced=True,
+                           compacted=True) == (
+      16 * 10 * 50 + 4 * 8 * 50 + 4 * 100 * 8 + 16 * 100 + 8 * 100 * 8)
+  # Classes: 8·r·c + 4·N·D + 4·D·V (+ 4·r·D for hᵀ, D ≤ c) + 16·N.
+  assert tiling.peak_bytes("classes", 100, 8, 50, 10, rows=20) == (
+      8 * 20 * 10 + 4 * 100 * 8 + 4 * 8 * 50 + 4 * 20 * 8 + 16 * 100)
+  assert tiling.peak_bytes("classes", 100, 16, 50, 10) == (
+      8 * 100 * 10 + 4 * 100 * 16 + 4 * 16 * 50 + 16 * 100)
+  assert tiling.peak_bytes("distillation", 100, 8, 50, 10, tiles=5) == (
+      5 * 4 * 10 * 50 + 8 * 8 * 50 + 4 * 100 * 8 + 64 * 100)
+  with pytest.raises(ValueError, match="unknown loop"):
+    tiling.peak_bytes("rows", 1, 1, 1, 1)
+
+
+def _conds(f, *args):
+  jaxpr = jax.make_jaxpr(f)(*args)
+  return [e for e in helpers.jaxpr_eqns(jaxpr.jaxpr)
+          if e.primitive.name == "cond"]
+
+
+@pytest.mark.parametrize("head", ["tokens", "classes", "distillation"])
+def test_ignored_tokens_are_skipped_tile_by_tile(head):
+  # The structure that makes ignored tokens cost nothing: a two-way cond
+  # per tile (run it, or skip it) from 1024 tokens on, none without
+  # ignore_index.
+  n, d, v = 1024, 2, 6
+  h, w = jnp.zeros((n, d)), jnp.zeros((d, v))
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w, **kw):
+    if head == "distillation":
+      return jsoft.linear_distillation_loss(h, w, h, w, labels=y,
+                                            reduction="mean", **kw)
+    return jsoft.linear_cross_entropy(h, w, y, tile_by=head,
+                                      reduction="mean", **kw)
+
+  grad = jax.grad(lambda h, w: loss(h, w, ignore_index=IGNORE))
+  conds = _conds(grad, h, w)
+  assert conds and all(len(e.params["branches"]) == 2 for e in conds)
+  assert not _conds(jax.grad(loss), h, w)
+
+
+@pytest.mark.parametrize("reduction,hard", [("mean", 0.4), ("none", 0.0)])
+def test_distillation_with_ignored_tokens_gathered_out(reduction, hard):
+  # From 1024 tokens on the kept tokens are gathered first and the tiles
+  # past them skipped: value and student gradients equal the unfused
+  # composition in float64, the ignored tokens' NaN features included.
+  n, d, v, chunk = 1100, 3, 40, 96
+  r = np.random.default_rng(int(hard * 10) + len(reduction))
+  hs, ws = r.normal(size=(n, d)), r.normal(size=(d, v))
+  ht, wt = r.normal(size=(n, d + 1)), r.normal(size=(d + 1, v))
+  y = r.integers(0, v, size=n)
+  y[r.random(n) < 0.7] = IGNORE
+  hs[y == IGNORE] = np.nan
+  kept = y != IGNORE
+  kw = dict(labels=y, ignore_index=IGNORE, hard_weight=hard,
+            divergence="jsd", temperature=1.5, reduction=reduction)
+
+  def fused(hs, ws):
+    return jnp.sum(jsoft.linear_distillation_loss(hs, ws, ht, wt,
+                                                  chunk_size=chunk, **kw))
+
+  def unfused(hs, ws):
+    s, t = hs @ ws, ht @ wt
+    soft = jsoft.distillation_loss(s, t, divergence="jsd", temperature=1.5)
+    ce = jsoft.softmax_cross_entropy_with_integer_labels(
+        s, np.where(kept, y, 0))
+    per = jnp.where(kept, (1 - hard) * soft + hard * ce, 0)
+    return jnp.sum(per) / (float(kept.sum()) if reduction == "mean" else 1.0)
+
+  safe = np.where(np.isnan(hs), 0, hs)
+  got, want = (jax.value_and_grad(f, (0, 1)) for f in (fused, unfused))
+  (value, grads), (ref, ref_grads) = got(hs, ws), want(safe, ws)
+  np.testing.assert_allclose(value, ref, rtol=1e-12)
+  for a, b in zip(grads, ref_grads, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
