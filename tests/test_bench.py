@@ -224,8 +224,11 @@ def test_tiles_table(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "tokens, 128" in out and "× unfused" in out
   assert json.loads((tmp_path / "t.json").read_text())["tiles"]["v"] == 4096
+  assert list(rows)[-1] == "unfused"  # the baseline, listed last
   fused = {k: r for k, r in rows.items() if k != "unfused"}
   assert all(r["max_rel_difference"] < 1e-4 for r in fused.values())
+  assert all(r["ratio_to_unfused"] > 0 for r in fused.values())
+  assert "ratio_to_unfused" not in rows["unfused"]
   if _compat.JAX_VERSION < (0, 10, 2):
     pytest.skip("the rest passed; the temp shares need jax >= 0.10.2 (as "
                 f"test_memory.py), this is jax {jax.__version__}")
@@ -236,6 +239,9 @@ def test_options_table(tmp_path, capsys):
   result = cli.main(["options", "--quick", "--rounds", "1", "--json",
                      str(tmp_path / "o.json")])
   assert set(result["results"]) == set(options.OPTIONS)
+  assert list(result["results"])[-1] == "plain"  # the baseline, listed last
+  for name, r in result["results"].items():
+    assert (name == "plain") != (r.get("ratio_to_plain", 0) > 0), name
   out = capsys.readouterr().out
   for name in options.OPTIONS:
     assert name in out
