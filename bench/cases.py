@@ -109,25 +109,41 @@ def default_cases() -> list[Case]:
 # ----------------------------------------------------------------- inputs
 
 
+def normal(rng: np.random.Generator, shape: tuple[int, ...],
+           std: float) -> np.ndarray:
+  """Normal draws of standard deviation ``std``, float32 throughout (no
+  float64 copy of a large array)."""
+  out = rng.standard_normal(shape, dtype=np.float32)
+  out *= np.float32(std)
+  return out
+
+
+def head_inputs(rng: np.random.Generator, n: int, d: int, v: int, *,
+                scale: float = 1.0, labels: bool = True
+                ) -> tuple[np.ndarray, ...]:
+  """Host inputs of a linear head: features ``h [n, d]`` (unit normal), a
+  weight ``W [d, v]`` of standard deviation ``scale / sqrt(d)`` (logits of
+  about ``scale``), and, with ``labels``, targets ``y [n]`` in ``[0, v)``
+  (int32), drawn in that order from ``rng``."""
+  h = normal(rng, (n, d), 1.0)
+  w = normal(rng, (d, v), scale / np.sqrt(d))
+  if not labels:
+    return h, w
+  return h, w, rng.integers(0, v, size=n).astype(np.int32)
+
+
 def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   """Host (NumPy, float32/int32) inputs; ``scale`` multiplies the logits
   (or the head weights), 1000 for the overflow check."""
   rng = np.random.default_rng(0)
-
-  def normal(shape, std):  # float32 throughout: no float64 [N, C] copy
-    out = rng.standard_normal(shape, dtype=np.float32)
-    out *= np.float32(std)
-    return out
-
   if case.fn in peers.HEADS:
     n, d, v = case.dims
-    h = normal((n, d), 1.0)
-    w = normal((d, v), scale / np.sqrt(d))
     if case.fn == "distill":  # a teacher head of the same sizes
-      return h, w, normal((n, d), 1.0), normal((d, v), scale / np.sqrt(d))
-    return h, w, rng.integers(0, v, size=n).astype(np.int32)
+      return (*head_inputs(rng, n, d, v, scale=scale, labels=False),
+              *head_inputs(rng, n, d, v, scale=scale, labels=False))
+    return head_inputs(rng, n, d, v, scale=scale)
   n, c = case.dims
-  x = normal((n, c), 3 * scale)
+  x = normal(rng, (n, c), 3 * scale)
   if case.fn == "ce_int":
     return x, rng.integers(0, c, size=n).astype(np.int32)
   if case.fn == "ce_opts":  # one target in ten ignored (padding)
@@ -139,7 +155,7 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   if case.fn == "bce":
     return x, (rng.random((n, c), dtype=np.float32) < 0.5).astype(np.float32)
   if case.mode == "vg":  # the activations' cotangent
-    return x, normal((n,) if case.fn == "logsumexp" else (n, c), 1.0)
+    return x, normal(rng, (n,) if case.fn == "logsumexp" else (n, c), 1.0)
   return (x,)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 import jsoft
 from bench import _plumbing, report, timing
-from bench.cases import Impl
+from bench.cases import Impl, head_inputs
 
 # (tile_by, chunk_size); None: the default tile at that shape.
 FULL = [("classes", 256), ("classes", None), ("classes", 1024),
@@ -46,10 +46,7 @@ def _difference(got, want) -> float:
 
 def measure(quick: bool = False, rounds: int = 5) -> dict[str, Any]:
   n, d, v = (1024, 64, 4096) if quick else (8192, 256, 32768)
-  rng = np.random.default_rng(2)
-  h = jnp.asarray(rng.normal(size=(n, d)).astype(np.float32))
-  w = jnp.asarray((rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32))
-  y = jnp.asarray(rng.integers(0, v, size=n).astype(np.int32))
+  h, w, y = map(jnp.asarray, head_inputs(np.random.default_rng(2), n, d, v))
 
   def unfused(h, w):
     return jsoft.softmax_cross_entropy_with_integer_labels(
