@@ -91,9 +91,14 @@ def count_params(model: nnx.Module) -> int:
 
 def train_step(model: nnx.Module, tx, loss_fn: Callable, *,
                has_aux: bool = False):
-  """A jitted Adam step for ``model`` and ``loss_fn(model, *batch)``, pure in
-  the split state: returns ``(step, state)`` with
-  ``step(state, *batch) -> (state, loss[, aux])``."""
+  """A jitted step of the optimiser ``tx`` on ``model``'s parameters for
+  ``loss_fn(model, *batch)`` (``-> loss``, or ``-> (loss, aux)`` with
+  ``has_aux``), pure in the split state of the model and its optimiser.
+
+  Returns ``(step, graphdef, state)``: ``step(state, *batch) -> (state,
+  loss)`` or ``(state, loss, aux)``, and the graph and initial state of
+  ``(model, optimizer)``; ``nnx.merge(graphdef, state)`` gives them back.
+  """
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
 
