@@ -178,22 +178,12 @@ def run_case(case: cases_mod.Case, available: dict[str, str | None],
          "shape_label": case.shape_label, "results": results,
          "missing": missing}
   if case.fn in ("lce", "distill") and "jsoft-plain" in impls:
-    out["max_rel_diff"] = _agreement(impls["jsoft"], impls["jsoft-plain"])
+    fused, unfused = impls["jsoft"], impls["jsoft-plain"]
+    # The fused loss and gradients against the unfused ones.
+    out["max_rel_diff"] = _plumbing.rel_difference(
+        fused.jitted(*fused.args), unfused.jitted(*unfused.args))
   out["seconds"] = round(time.perf_counter() - start, 1)
   return out
-
-
-def _agreement(fused: cases_mod.Impl, unfused: cases_mod.Impl) -> float:
-  """Largest difference between the fused and unfused loss and gradients,
-  relative to each output's largest magnitude."""
-  a = jax.tree.leaves(fused.jitted(*fused.args))
-  b = jax.tree.leaves(unfused.jitted(*unfused.args))
-  worst = 0.0
-  for x, y in zip(a, b, strict=True):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    scale = max(float(np.max(np.abs(y))), np.finfo(np.float64).tiny)
-    worst = max(worst, float(np.max(np.abs(x - y))) / scale)
-  return worst
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:

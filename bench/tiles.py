@@ -36,14 +36,6 @@ def _name(tile_by: str, chunk: int | None) -> str:
   return f"{tile_by}, {'default' if chunk is None else chunk}"
 
 
-def _difference(got, want) -> float:
-  """The largest difference over the loss and both gradients, relative to
-  each one's largest magnitude."""
-  return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),
-                             strict=True))
-
-
 def measure(quick: bool = False, rounds: int = 5) -> dict[str, Any]:
   n, d, v = (1024, 64, 4096) if quick else (8192, 256, 32768)
   h, w, y = map(jnp.asarray, head_inputs(np.random.default_rng(2), n, d, v))
@@ -68,7 +60,7 @@ def measure(quick: bool = False, rounds: int = 5) -> dict[str, Any]:
                                         tile_by=tile_by, chunk_size=chunk)
 
     jitted, impls[name] = step(fused)
-    differences[name] = _difference(jitted(h, w), want)
+    differences[name] = _plumbing.rel_difference(jitted(h, w), want)
     chunks[name] = chunk
   results = timing.measure(impls, rounds, 0.02, 0, baseline="unfused")
   results["unfused"] = results.pop("unfused")  # listed last
