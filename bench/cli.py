@@ -177,7 +177,7 @@ def run_case(case: cases_mod.Case, available: dict[str, str | None],
          "dtype": case.dtype, "mode": case.mode,
          "shape_label": case.shape_label, "results": results,
          "missing": missing}
-  if case.fn in ("lce", "distill") and "jsoft-plain" in impls:
+  if case.spec.fused and "jsoft-plain" in impls:
     fused, unfused = impls["jsoft"], impls["jsoft-plain"]
     # The fused loss and gradients against the unfused ones.
     out["max_rel_diff"] = _plumbing.rel_difference(
