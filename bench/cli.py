@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # python -m bench COMMAND ...: the module whose main(argv) runs it.
 COMMANDS = {
     "options": ("bench.options", "what each training option and each fused-"
-                "head feature costs"),
+                "head feature costs, and what ignored tokens save"),
     "tiles": ("bench.tiles", "the fused head's time against its memory, "
               "per tile_by and chunk_size"),
     "memory": ("bench.memory", "the fused head's XLA temp memory over N and "

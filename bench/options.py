@@ -1,4 +1,4 @@
-"""What each training option costs: ``python -m bench options``.
+"""``python -m bench options``: what options cost, ignored tokens save.
 
 Three sections (``--only NAME``, repeatable, runs some of them):
 
