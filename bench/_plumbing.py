@@ -1,5 +1,6 @@
 """What every part of the benchmark shares: tables, progress, optional
-imports, JSON and chart files.
+imports, JSON and chart files, the command line's common flags, and how
+far two results differ.
 
 Tables and the progress bar are ``rich``'s; the helpers here only fix the
 house look (one table style, plain text when the output is a file) and the
@@ -16,6 +17,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import jax
+import numpy as np
 from rich import box
 from rich.console import Console, Group
 from rich.progress import (
@@ -111,6 +114,19 @@ def write_outputs(json_path: str | None, payload: Any,
       say(f"wrote {path}")
     except Missing as e:
       say(f"chart not written: {e}")
+
+
+def rel_difference(got: Any, want: Any) -> float:
+  """The largest difference between two results (arrays, or trees of them
+  alike in structure), relative to each ``want`` leaf's largest magnitude,
+  in float64: the worst over the leaves."""
+  worst = 0.0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                  strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(float(np.max(np.abs(b))), np.finfo(np.float64).tiny)
+    worst = max(worst, float(np.max(np.abs(a - b))) / scale)
+  return worst
 
 
 def _make_parent(path: str) -> None:

@@ -24,23 +24,10 @@ SHAPES = {
     "medium": (1024, 1000),
     "large": (4096, 32000),
 }
-LM_HEAD = {
-    "tiny": (4, 3, 5),
-    "quick": (512, 128, 8192),
-    "full": (2048, 256, 32000),
-}
-# The fused linear cross-entropy (N, D, V); float32 only.
-LCE = {
-    "tiny": (6, 3, 5),
-    "quick": (1024, 128, 8192),
-    "full": (8192, 256, 32768),
-}
-# Distillation between two heads (N, D, V), both D wide; float32 only.
-DISTILL = {
-    "tiny": (6, 3, 5),
-    "quick": (1024, 128, 8192),
-    "full": (4096, 256, 32768),
-}
+# The heads' sizes, name -> (N, D, V) (see peers.SPECS).
+LM_HEAD = peers.SPECS["lm_head"].sizes
+LCE = peers.SPECS["lce"].sizes
+DISTILL = peers.SPECS["distill"].sizes
 DTYPES = ("float32", "bfloat16")
 MODES = ("fwd", "vg")
 
@@ -58,8 +45,12 @@ class Case:
     return f"{self.fn}_{dims}_{self.dtype}_{self.mode}"
 
   @property
+  def spec(self) -> peers.Fn:
+    return peers.SPECS[self.fn]
+
+  @property
   def shape_label(self) -> str:
-    if self.fn in peers.HEADS:
+    if self.spec.head:
       return self.fn
     return next((k for k, v in SHAPES.items() if v == self.dims), "custom")
 
@@ -70,15 +61,16 @@ def make_cases(fns, shapes, dtypes, lm_head: str | None,
   the head cases (None: not run)."""
   out = []
   for fn, shape, dtype, mode in itertools.product(
-      [f for f in fns if f not in peers.HEADS], shapes, dtypes, MODES):
+      [f for f in fns if not peers.SPECS[f].head], shapes, dtypes, MODES):
     out.append(Case(fn, SHAPES[shape], dtype, mode))
-  if "lm_head" in fns and lm_head is not None:
-    for dtype in dtypes:
-      out.append(Case("lm_head", LM_HEAD[lm_head], dtype, "vg"))
-  if "lce" in fns and lce is not None:
-    out.append(Case("lce", LCE[lce], "float32", "vg"))
-  if "distill" in fns and lce is not None:  # sized with the fused head
-    out.append(Case("distill", DISTILL[lce], "float32", "vg"))
+  size_of = {"lm_head": lm_head, "lce": lce}  # per size flag
+  for fn in fns:
+    spec = peers.SPECS[fn]
+    size = size_of[spec.size_flag] if spec.head else None
+    if size is None:
+      continue
+    for dtype in ("float32",) if spec.float32_only else dtypes:
+      out.append(Case(fn, spec.sizes[size], dtype, "vg"))
   return out
 
 
@@ -109,25 +101,41 @@ def default_cases() -> list[Case]:
 # ----------------------------------------------------------------- inputs
 
 
+def normal(rng: np.random.Generator, shape: tuple[int, ...],
+           std: float) -> np.ndarray:
+  """Normal draws of standard deviation ``std``, float32 throughout (no
+  float64 copy of a large array)."""
+  out = rng.standard_normal(shape, dtype=np.float32)
+  out *= np.float32(std)
+  return out
+
+
+def head_inputs(rng: np.random.Generator, n: int, d: int, v: int, *,
+                scale: float = 1.0, labels: bool = True
+                ) -> tuple[np.ndarray, ...]:
+  """Host inputs of a linear head: features ``h [n, d]`` (unit normal), a
+  weight ``W [d, v]`` of standard deviation ``scale / sqrt(d)`` (logits of
+  about ``scale``), and, with ``labels``, targets ``y [n]`` in ``[0, v)``
+  (int32), drawn in that order from ``rng``."""
+  h = normal(rng, (n, d), 1.0)
+  w = normal(rng, (d, v), scale / np.sqrt(d))
+  if not labels:
+    return h, w
+  return h, w, rng.integers(0, v, size=n).astype(np.int32)
+
+
 def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   """Host (NumPy, float32/int32) inputs; ``scale`` multiplies the logits
   (or the head weights), 1000 for the overflow check."""
   rng = np.random.default_rng(0)
-
-  def normal(shape, std):  # float32 throughout: no float64 [N, C] copy
-    out = rng.standard_normal(shape, dtype=np.float32)
-    out *= np.float32(std)
-    return out
-
-  if case.fn in peers.HEADS:
+  if case.spec.head:
     n, d, v = case.dims
-    h = normal((n, d), 1.0)
-    w = normal((d, v), scale / np.sqrt(d))
-    if case.fn == "distill":  # a teacher head of the same sizes
-      return h, w, normal((n, d), 1.0), normal((d, v), scale / np.sqrt(d))
-    return h, w, rng.integers(0, v, size=n).astype(np.int32)
+    if case.spec.teacher:  # a teacher head of the same sizes
+      return (*head_inputs(rng, n, d, v, scale=scale, labels=False),
+              *head_inputs(rng, n, d, v, scale=scale, labels=False))
+    return head_inputs(rng, n, d, v, scale=scale)
   n, c = case.dims
-  x = normal((n, c), 3 * scale)
+  x = normal(rng, (n, c), 3 * scale)
   if case.fn == "ce_int":
     return x, rng.integers(0, c, size=n).astype(np.int32)
   if case.fn == "ce_opts":  # one target in ten ignored (padding)
@@ -139,25 +147,14 @@ def make_inputs(case: Case, scale: float = 1.0) -> tuple[np.ndarray, ...]:
   if case.fn == "bce":
     return x, (rng.random((n, c), dtype=np.float32) < 0.5).astype(np.float32)
   if case.mode == "vg":  # the activations' cotangent
-    return x, normal((n,) if case.fn == "logsumexp" else (n, c), 1.0)
+    return x, normal(rng, (n,) if case.fn == "logsumexp" else (n, c), 1.0)
   return (x,)
-
-
-def _float_inputs(case: Case) -> tuple[int, ...]:
-  """Which inputs carry the case dtype (the rest stay float32/int32)."""
-  if case.fn == "distill":
-    return (0, 1, 2, 3)
-  if case.fn in peers.HEADS:
-    return (0, 1)
-  if case.fn in ("ce_prob", "bce"):
-    return (0, 1)
-  return (0,)
 
 
 def to_jax(case: Case, host: tuple[np.ndarray, ...]) -> tuple[jax.Array, ...]:
   dtype = jnp.dtype(case.dtype)
   return tuple(
-      jnp.asarray(a, dtype) if i in _float_inputs(case) else jnp.asarray(a)
+      jnp.asarray(a, dtype) if i in case.spec.float_inputs else jnp.asarray(a)
       for i, a in enumerate(host))
 
 
@@ -167,13 +164,12 @@ def to_torch(case: Case, host: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
   out = []
   for i, a in enumerate(host):
     # from_numpy shares the host buffer; .to copies only to another dtype.
-    if i in _float_inputs(case):
+    if i in case.spec.float_inputs:
       t = torch.from_numpy(a).to(dtype)
     else:
       t = torch.from_numpy(a).to(torch.int64 if a.dtype.kind == "i" else
                                  torch.float32)
-    grad_inputs = {"lm_head": (1,), "lce": (0, 1)}.get(case.fn, (0,))
-    if case.mode == "vg" and i in grad_inputs:
+    if case.mode == "vg" and i in case.spec.grad_inputs:
       t.requires_grad_(True)
     out.append(t)
   return tuple(out)
@@ -287,9 +283,7 @@ def build(case: Case, available: dict[str, str | None],
       eager = jitted.__wrapped__
       impls[peer] = Impl(
           peer, lambda j=jitted, a=args: _block(j(*a)), jitted, args,
-          # (The fused head's eager call is no different from its jitted
-          # one: not timed.)
-          eager=None if case.fn in ("lce", "distill") else (
+          eager=None if case.spec.fused else (
               lambda e=eager, a=args: _block(e(*a))),
           extreme=(lambda j=jitted, a=xargs: _block(j(*a))) if extremes
           else None)

@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # python -m bench COMMAND ...: the module whose main(argv) runs it.
 COMMANDS = {
     "options": ("bench.options", "what each training option and each fused-"
-                "head feature costs"),
+                "head feature costs, and what ignored tokens save"),
     "tiles": ("bench.tiles", "the fused head's time against its memory, "
               "per tile_by and chunk_size"),
     "memory": ("bench.memory", "the fused head's XLA temp memory over N and "
@@ -177,23 +177,13 @@ def run_case(case: cases_mod.Case, available: dict[str, str | None],
          "dtype": case.dtype, "mode": case.mode,
          "shape_label": case.shape_label, "results": results,
          "missing": missing}
-  if case.fn in ("lce", "distill") and "jsoft-plain" in impls:
-    out["max_rel_diff"] = _agreement(impls["jsoft"], impls["jsoft-plain"])
+  if case.spec.fused and "jsoft-plain" in impls:
+    fused, unfused = impls["jsoft"], impls["jsoft-plain"]
+    # The fused loss and gradients against the unfused ones.
+    out["max_rel_diff"] = _plumbing.rel_difference(
+        fused.jitted(*fused.args), unfused.jitted(*unfused.args))
   out["seconds"] = round(time.perf_counter() - start, 1)
   return out
-
-
-def _agreement(fused: cases_mod.Impl, unfused: cases_mod.Impl) -> float:
-  """Largest difference between the fused and unfused loss and gradients,
-  relative to each output's largest magnitude."""
-  a = jax.tree.leaves(fused.jitted(*fused.args))
-  b = jax.tree.leaves(unfused.jitted(*unfused.args))
-  worst = 0.0
-  for x, y in zip(a, b, strict=True):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    scale = max(float(np.max(np.abs(y))), np.finfo(np.float64).tiny)
-    worst = max(worst, float(np.max(np.abs(x - y))) / scale)
-  return worst
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,7 +24,6 @@ accuracy, step time).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -34,7 +33,7 @@ from rich.console import Group
 from rich.text import Text
 
 import jsoft
-from bench import _plumbing
+from bench import _plumbing, _train
 from jsoft import _compat
 
 QUICK = {"steps_regression": 150, "steps_mlp": 300, "timing_steps": 20,
@@ -114,31 +113,14 @@ def train(make_model, lr: float, loss_name: str, data, steps: int,
   params, apply = make_model(jax.random.key(0))
   ce = LOSSES[loss_name]
   opt = optax.adam(lr)
-  state = opt.init(params)
   x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
-
-  @jax.jit
-  def step(params, state):
-    loss, grads = jax.value_and_grad(lambda p: ce(apply(p, x), y))(params)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  curve = []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
-    curve.append(float(loss))
-  times = []
-  timed_params, timed_state = params, state
-  for _ in range(timing_steps):
-    start = time.perf_counter()
-    timed_params, timed_state, loss = step(timed_params, timed_state)
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - start)
-  logits = apply(params, jnp.asarray(data["x_test"]))
-  accuracy = float(jnp.mean(jnp.argmax(logits, -1) == data["y_test"]))
-  return {"curve": curve, "accuracy": accuracy,
-          "step_ms": float(np.median(times) * 1e3), "params": params,
-          "apply": apply}
+  step = _train.optax_step(lambda p: ce(apply(p, x), y), opt)
+  (params, _), curve, step_ms = _train.fit(
+      step, (params, opt.init(params)), steps, timing_steps=timing_steps)
+  accuracy = _train.accuracy(apply(params, jnp.asarray(data["x_test"])),
+                             data["y_test"])
+  return {"curve": curve, "accuracy": accuracy, "step_ms": step_ms,
+          "params": params, "apply": apply}
 
 
 # ------------------------------------------------------------ distillation
@@ -178,23 +160,15 @@ def distill_student(teacher_params, data, steps: int) -> dict[str, Any]:
          "steps": steps}
   x_test = jnp.asarray(data["x_test"])
   teacher = jax.nn.relu(x_test @ layers[0].weight.T + layers[0].bias)
-  out["teacher_accuracy"] = float(jnp.mean(
-      jnp.argmax(teacher @ w_t + b_t, -1) == data["y_test"]))
+  out["teacher_accuracy"] = _train.accuracy(teacher @ w_t + b_t,
+                                            data["y_test"])
   for name, loss in (("hard labels", hard), ("distilled", soft)):
     params, _ = regression_model(None)
     opt = optax.adam(MODELS["softmax regression"][1])
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, loss=loss, opt=opt):
-      value, grads = jax.value_and_grad(loss)(params)
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, value
-
-    for _ in range(steps):
-      params, state, _ = step(params, state)
-    logits = x_test @ params["w"] + params["b"]
-    out[name] = float(jnp.mean(jnp.argmax(logits, -1) == data["y_test"]))
+    (params, _), _, _ = _train.fit(_train.optax_step(loss, opt),
+                                   (params, opt.init(params)), steps)
+    out[name] = _train.accuracy(x_test @ params["w"] + params["b"],
+                                data["y_test"])
   return out
 
 
@@ -220,7 +194,7 @@ def regression_hessian(params, data) -> dict[str, Any]:
   # H[(i,a),(j,b)] = (1/N) Σ_n x_ni x_nj (p_na δ_ab − p_na p_nb).
   cov = np.einsum("na,ab->nab", p, np.eye(10)) - np.einsum("na,nb->nab", p, p)
   ref = np.einsum("ni,nj,nab->iajb", x, x, cov).reshape(640, 640) / len(y)
-  err = float(np.max(np.abs(hess - ref)) / np.max(np.abs(ref)))
+  err = _plumbing.rel_difference(hess, ref)
   eig = np.linalg.eigvalsh(ref)[::-1]
   eig_jsoft = np.linalg.eigvalsh((hess + hess.T) / 2)[::-1]
   return {"max_rel_error": err, "top_eigenvalues": eig[:5].tolist(),
@@ -260,8 +234,7 @@ def mlp_hvp(params, apply, data, iterations: int) -> dict[str, Any]:
   v32 = jnp.asarray(v, jnp.float32)
 
   def rel(a):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - ref))
-                 / np.max(np.abs(ref)))
+    return _plumbing.rel_difference(a, ref)
 
   out = {"params": int(flat.size), "max_rel_error_float64": rel(ours64),
          "max_rel_error_float32": rel(hvp32(v32)),
@@ -288,8 +261,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     steps = cfg["steps_regression" if "regression" in name else "steps_mlp"]
     runs = {loss: train(make, lr, loss, data, steps, cfg["timing_steps"])
             for loss in LOSSES}
-    diff = float(np.max(np.abs(np.subtract(runs["jsoft"]["curve"],
-                                           runs["optax"]["curve"]))))
+    diff = _train.curve_difference(runs["jsoft"]["curve"],
+                                   runs["optax"]["curve"])
     out["models"][name] = {
         "steps": steps, "max_curve_difference": diff,
         **{loss: {k: r[k] for k in ("curve", "accuracy", "step_ms")}

@@ -12,7 +12,6 @@ a step XLA can report the memory of.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 import jsoft
+from bench import _train
 
 # ------------------------------------------------------------------ modules
 
@@ -91,9 +91,14 @@ def count_params(model: nnx.Module) -> int:
 
 def train_step(model: nnx.Module, tx, loss_fn: Callable, *,
                has_aux: bool = False):
-  """A jitted Adam step for ``model`` and ``loss_fn(model, *batch)``, pure in
-  the split state: returns ``(step, state)`` with
-  ``step(state, *batch) -> (state, loss[, aux])``."""
+  """A jitted step of the optimiser ``tx`` on ``model``'s parameters for
+  ``loss_fn(model, *batch)`` (``-> loss``, or ``-> (loss, aux)`` with
+  ``has_aux``), pure in the split state of the model and its optimiser.
+
+  Returns ``(step, graphdef, state)``: ``step(state, *batch) -> (state,
+  loss)`` or ``(state, loss, aux)``, and the graph and initial state of
+  ``(model, optimizer)``; ``nnx.merge(graphdef, state)`` gives them back.
+  """
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
 
@@ -131,27 +136,18 @@ def train_digits_mlp(loss_name: str, data, steps: int, timing_steps: int,
   step, graphdef, state = train_step(model, optax.adam(lr),
                                      DIGITS_LOSSES[loss_name])
   x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
-  curve = []
-  for _ in range(steps):
-    state, loss = step(state, x, y)
-    curve.append(float(loss))
-  times = []
+  state, curve, step_ms = _train.fit(step, state, steps, x, y,
+                                     timing_steps=timing_steps)
   model, _ = nnx.merge(graphdef, state)
-  x_test = jnp.asarray(data["x_test"])
-  accuracy = float(jnp.mean(jnp.argmax(model(x_test), -1) == data["y_test"]))
-  for _ in range(timing_steps):  # the trained state is read above: now timed
-    start = time.perf_counter()
-    state, loss = step(state, x, y)
-    jax.block_until_ready(loss)
-    times.append(time.perf_counter() - start)
-  return {"curve": curve, "accuracy": accuracy,
-          "step_ms": float(np.median(times) * 1e3)}
+  accuracy = _train.accuracy(model(jnp.asarray(data["x_test"])),
+                             data["y_test"])
+  return {"curve": curve, "accuracy": accuracy, "step_ms": step_ms}
 
 
 def digits_mlp(data, steps: int, timing_steps: int) -> dict[str, Any]:
   """Both losses on the NNX MLP, as ``bench.experiments`` reports a model."""
   runs = {name: train_digits_mlp(name, data, steps, timing_steps)
           for name in DIGITS_LOSSES}
-  diff = float(np.max(np.abs(np.subtract(runs["jsoft"]["curve"],
-                                         runs["optax"]["curve"]))))
+  diff = _train.curve_difference(runs["jsoft"]["curve"],
+                                 runs["optax"]["curve"])
   return {"steps": steps, "max_curve_difference": diff, **runs}

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsoft
-from bench import _plumbing
+from bench import _plumbing, _train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAD = 0  # token 0: padding, never a target the losses count
@@ -284,8 +284,8 @@ def run(quick: bool = False, root: pathlib.Path = ROOT) -> dict[str, Any]:
     held_loss, held_acc = evaluate(model, xt, yt)
     log["held_out_loss"], log["held_out_accuracy"] = (float(held_loss),
                                                       float(held_acc))
-  out["max_curve_difference"] = float(np.max(np.abs(np.subtract(
-      logs["jsoft"]["curve"], logs["optax"]["curve"]))))
+  out["max_curve_difference"] = _train.curve_difference(
+      logs["jsoft"]["curve"], logs["optax"]["curve"])
   out.update(logs)
   out["wide_heads"] = wide_heads(cfg, tx, x0, y0, cfg["wide_vocabs"],
                                  cfg["wide_timed"])

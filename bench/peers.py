@@ -49,8 +49,9 @@ NumPy one with the hand-derived gradients (``y - t``); ``torch`` on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -61,12 +62,9 @@ import jsoft
 
 ACTIVATIONS = ("softmax", "log_softmax", "logsumexp", "sigmoid")
 LOSSES = ("ce_int", "ce_prob", "bce", "ce_opts")
-HEADS = ("lm_head", "lce", "distill")
-FNS = ACTIVATIONS + LOSSES + HEADS
 PEERS = ("jsoft", "jsoft-plain", "jax.nn", "optax", "naive-jnp",
          "naive-numpy", "torch")
-# Peers that exist only for some functions (absent elsewhere, unreported).
-ONLY_FOR = {"jsoft-plain": ("ce_opts", "lce", "distill")}
+# (The heads, HEADS, and every function, FNS, follow from SPECS below.)
 
 IGNORE = -100
 OPTIONS = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-4,
@@ -206,18 +204,76 @@ def _distill_loss(peer: str) -> Callable[..., jax.Array] | None:
   return None
 
 
+# ------------------------------------------------------------------ specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Fn:
+  """One function of the benchmark, described once: which of its inputs
+  carry the case's dtype, which mode ``vg`` differentiates, and for a
+  linear head its sizes and its JAX peers' losses."""
+
+  name: str
+  float_inputs: tuple[int, ...] = (0,)
+  grad_inputs: tuple[int, ...] = (0,)
+  # A head only: size name -> (N, D, V), the command-line flag that picks
+  # the size (--lm-head, --lce), and peer -> its loss (or None).
+  sizes: Mapping[str, tuple[int, int, int]] | None = None
+  size_flag: str | None = None
+  loss: Callable[[str], Callable[..., jax.Array] | None] | None = None
+  float32_only: bool = False
+  # jsoft's call is fused: "jsoft-plain" is the unfused loss it is checked
+  # against, and its eager call (no different from its jitted one) is not
+  # timed.
+  fused: bool = False
+  teacher: bool = False  # inputs h, W, h_t, W_t (no labels)
+
+  @property
+  def head(self) -> bool:
+    return self.sizes is not None
+
+
+SPECS: dict[str, Fn] = {f.name: f for f in (
+    *(Fn(name) for name in ACTIVATIONS),
+    Fn("ce_int"),
+    Fn("ce_prob", float_inputs=(0, 1)),
+    Fn("bce", float_inputs=(0, 1)),
+    Fn("ce_opts"),
+    Fn("lm_head", float_inputs=(0, 1), grad_inputs=(1,),
+       sizes={"tiny": (4, 3, 5), "quick": (512, 128, 8192),
+              "full": (2048, 256, 32000)},
+       size_flag="lm_head", loss=_lm_head_loss),
+    # The fused linear cross-entropy; float32 only.
+    Fn("lce", float_inputs=(0, 1), grad_inputs=(0, 1),
+       sizes={"tiny": (6, 3, 5), "quick": (1024, 128, 8192),
+              "full": (8192, 256, 32768)},
+       size_flag="lce", loss=_fused_head_loss, float32_only=True,
+       fused=True),
+    # Distillation between two heads, both D wide, sized with the fused
+    # head (--lce); float32 only.
+    Fn("distill", float_inputs=(0, 1, 2, 3), grad_inputs=(0, 1),
+       sizes={"tiny": (6, 3, 5), "quick": (1024, 128, 8192),
+              "full": (4096, 256, 32768)},
+       size_flag="lce", loss=_distill_loss, float32_only=True, fused=True,
+       teacher=True),
+)}
+HEADS = tuple(name for name, f in SPECS.items() if f.head)
+FNS = ACTIVATIONS + LOSSES + HEADS
+# Peers that exist only for some functions (absent elsewhere, unreported).
+ONLY_FOR = {"jsoft-plain": ("ce_opts", *(name for name, f in SPECS.items()
+                                         if f.fused))}
+
+
 def jax_impl(peer: str, fn: str, mode: str) -> Callable[..., Any] | None:
   """The jitted case function of a JAX peer, or None if it has none."""
-  if fn in ("lce", "distill"):
-    loss = (_fused_head_loss if fn == "lce" else _distill_loss)(peer)
+  spec = SPECS[fn]
+  if spec.head:
+    loss = spec.loss(peer)
     if loss is None or mode != "vg":
       return None
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  if fn == "lm_head":
-    loss = _lm_head_loss(peer)
-    if loss is None or mode != "vg":
-      return None
-    return jax.jit(jax.value_and_grad(loss, argnums=1))
+    grads = spec.grad_inputs
+    return jax.jit(jax.value_and_grad(
+        loss, argnums=grads if len(grads) > 1 else grads[0]))
   f = _jax_forwards(peer).get(fn)
   if f is None:
     return None
@@ -246,7 +302,7 @@ def _np_sigmoid(x):
 
 def numpy_impl(fn: str, mode: str) -> Callable[..., Any] | None:
   """The seed post's NumPy formulas, with the hand-derived gradients."""
-  if fn in ("ce_opts", "lce", "distill"):
+  if fn == "ce_opts" or SPECS[fn].fused:
     return None
 
   def onehot_minus(p, y):

@@ -9,7 +9,6 @@ for ``value_and_grad`` of the mean loss with respect to ``h`` and ``W``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 
@@ -18,9 +17,11 @@ import jax
 from bench import _plumbing
 
 DEVICES = 8
+N, D, V = 4096, 128, 16384
+QUICK = (512, 32, 2048)
 
 
-def measure(n: int = 4096, d: int = 128, v: int = 16384,
+def measure(n: int = N, d: int = D, v: int = V,
             chunk: int | None = None) -> dict:
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
@@ -128,18 +129,18 @@ def table(result: dict) -> object:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m bench sharding",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--json", metavar="PATH", help="write the result as JSON")
+  p = _plumbing.command("sharding", __doc__,
+                        quick=f"N=512, D=32, V=2048 (the default: N={N}, "
+                        f"D={D}, V={V})")
   p.add_argument("--chunk", type=int, default=None,
                  help="tile size (default: jsoft's own choice)")
   args = p.parse_args(argv)
   use_host_devices()
-  result = measure(chunk=args.chunk)
+  result = measure(*(QUICK if args.quick else (N, D, V)), chunk=args.chunk)
   _plumbing.show(table(result))
   _plumbing.write_outputs(args.json, result, [])
   return result
 
 
-if __name__ == "__main__":  # the old entry point: python -m bench sharding
+if __name__ == "__main__":  # the old entry point: python -m bench.sharding
   main()

@@ -4,11 +4,14 @@ Every implementation of a case is compiled and warmed up outside the timed
 samples, and every timed call waits for its result (``block_until_ready``).
 Steady-state times come from ``rounds`` rounds; each round runs every
 implementation once, in an order that rotates from round to round, so drift
-on a shared machine hits all of them alike. The ratio of a peer to jsoft is
-the median over rounds of the per-round ratio (interleaved, pairwise), not a
-ratio of medians. A sample repeats a call as often as it takes to last at
-least ``min_sample_s`` (the count from ``timeit.Timer.autorange``), so
-dispatch-sized cases are not timer noise.
+on a shared machine hits all of them alike. The ratio of an implementation
+to the baseline (``measure(..., baseline=NAME)``, jsoft by default) is the
+median over rounds of the per-round ratio (interleaved, pairwise), not a
+ratio of medians; it is stored as ``ratio_to_NAME`` (``ratio_to_jsoft``,
+``ratio_to_plain``, ...), and the ratio to the read+write floor, where a
+case has one, as ``ratio_to_floor``. A sample repeats a call as often as
+it takes to last at least ``min_sample_s`` (the count from
+``timeit.Timer.autorange``), so dispatch-sized cases are not timer noise.
 """
 
 from __future__ import annotations
@@ -62,34 +65,49 @@ def compile_and_memory(impl: Impl) -> dict[str, Any]:
   return out
 
 
-def _median_ratio(num: list[float], den: list[float]) -> float:
+def median_ratio(num: list[float], den: list[float]) -> float:
+  """The median over rounds of the per-round ratio ``num / den``."""
   return float(np.median(np.asarray(num) / np.asarray(den)))
 
 
-def measure(impls: dict[str, Impl], rounds: int, min_sample_s: float,
-            eager_samples: int) -> dict[str, dict[str, Any]]:
-  """Times every implementation of one case (``floor`` included)."""
-  results = {peer: compile_and_memory(impl) for peer, impl in impls.items()}
-  # The calibration's calls (1, 2, 5, ... of them) also warm each
-  # implementation up: none of them is a sample.
-  timers = {peer: calibrated(impl.call, min_sample_s)
-            for peer, impl in impls.items()}
-  order = list(impls)
-  times: dict[str, list[float]] = {peer: [] for peer in order}
+def interleaved(calls: dict[str, Callable[[], Any]], rounds: int,
+                min_sample_s: float) -> tuple[dict[str, list[float]],
+                                              dict[str, int]]:
+  """Seconds per call of each of ``calls``, one sample per round, the
+  order rotating from round to round; and the calls per sample of each.
+
+  The calibration's calls (1, 2, 5, ... of them) also warm each call up:
+  none of them is a sample.
+  """
+  timers = {name: calibrated(call, min_sample_s)
+            for name, call in calls.items()}
+  order = list(calls)
+  times: dict[str, list[float]] = {name: [] for name in order}
   for r in range(rounds):
     k = r % len(order)
-    for peer in order[k:] + order[:k]:
-      timer, number = timers[peer]
-      times[peer].append(timer.timeit(number) / number)
-  for peer in order:
+    for name in order[k:] + order[:k]:
+      timer, number = timers[name]
+      times[name].append(timer.timeit(number) / number)
+  return times, {name: timers[name][1] for name in order}
+
+
+def measure(impls: dict[str, Impl], rounds: int, min_sample_s: float,
+            eager_samples: int, baseline: str = "jsoft"
+            ) -> dict[str, dict[str, Any]]:
+  """Times every implementation of one case (``floor`` included); each
+  other one's ratio to ``baseline`` (when it is one of ``impls``) is its
+  ``ratio_to_<baseline>``."""
+  results = {peer: compile_and_memory(impl) for peer, impl in impls.items()}
+  times, numbers = interleaved(
+      {peer: impl.call for peer, impl in impls.items()}, rounds,
+      min_sample_s)
+  for peer in impls:
     results[peer].update(_stats(times[peer]))
-    results[peer]["calls_per_sample"] = timers[peer][1]
-    if "jsoft" in times and peer != "jsoft":
-      results[peer]["ratio_to_jsoft"] = _median_ratio(times[peer],
-                                                      times["jsoft"])
-    if "floor" in times and peer != "floor":
-      results[peer]["ratio_to_floor"] = _median_ratio(times[peer],
-                                                      times["floor"])
+    results[peer]["calls_per_sample"] = numbers[peer]
+    for ref in dict.fromkeys((baseline, "floor")):
+      if ref in times and peer != ref:
+        results[peer][f"ratio_to_{ref}"] = median_ratio(times[peer],
+                                                        times[ref])
   for peer, impl in impls.items():
     if impl.eager is not None and eager_samples:
       impl.eager()  # first eager call traces and compiles op by op

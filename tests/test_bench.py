@@ -7,6 +7,7 @@ is produced, and that the overflow check tells the naive formulas apart.
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from bench import (
@@ -224,18 +225,70 @@ def test_tiles_table(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "tokens, 128" in out and "× unfused" in out
   assert json.loads((tmp_path / "t.json").read_text())["tiles"]["v"] == 4096
+  assert list(rows)[-1] == "unfused"  # the baseline, listed last
   fused = {k: r for k, r in rows.items() if k != "unfused"}
   assert all(r["max_rel_difference"] < 1e-4 for r in fused.values())
+  assert all(r["ratio_to_unfused"] > 0 for r in fused.values())
+  assert "ratio_to_unfused" not in rows["unfused"]
   if _compat.JAX_VERSION < (0, 10, 2):
     pytest.skip("the rest passed; the temp shares need jax >= 0.10.2 (as "
                 f"test_memory.py), this is jax {jax.__version__}")
   assert all(0 < r["temp_share"] < 1 for r in fused.values())
 
 
+def test_options_sweep(tmp_path, capsys):
+  result = cli.main(["options", "--quick", "--only", "sweep", "--rounds", "1",
+                     "--json", str(tmp_path / "s.json"), "--plot",
+                     str(tmp_path / "s.png")])
+  assert set(result) == {"sweep"}  # --only sweep: no other section
+  sweep = result["sweep"]
+  shapes = [(s["n"], s["d"], s["v"]) for s in sweep["shapes"]]
+  assert shapes == list(options.SWEEP_QUICK)
+  heads = {(h.name, h.loop) for h in options.SWEEP_HEADS}
+  assert heads == {("linear_cross_entropy", "tokens"),
+                   ("linear_cross_entropy", "classes"),
+                   ("linear_distillation_loss", "tokens")}
+  # One row per head, shape and pattern; every kept fraction in each.
+  assert len(sweep["rows"]) == len(heads) * len(shapes) * 2
+  for row in sweep["rows"]:
+    assert list(row["ratios"]) == [f"{k:g}" for k in options.KEPT]
+    assert all(np.isfinite(x) and x > 0 for x in row["ratios"].values())
+    assert row["ratios"]["1"] == 1.0  # the baseline
+  assert {(r["head"], r["loop"], r["kept"]) for r in sweep["rows"]} == {
+      (*h, p) for h in heads for p in ("first", "random")}
+  assert len(sweep["overhead"]) == len(heads) * len(shapes)
+  assert all(np.isfinite(r["ratio"]) and r["ratio"] > 0
+             for r in sweep["overhead"])
+  out = capsys.readouterr().out
+  assert "kept-fraction sweep" in out and "k=0.05" in out
+  assert "ignore_index set, nothing ignored" in out
+  assert "training options" not in out
+  saved = json.loads((tmp_path / "s.json").read_text())
+  assert saved["options"]["sweep"]["kept"] == list(options.KEPT)
+  assert saved["machine"]["backend"] == jax.default_backend()
+  assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kept_labels():
+  y = np.arange(10, dtype=np.int32)
+  rng = np.random.default_rng(0)
+  first = options.kept_labels(y, 0.3, "first", rng)
+  assert first.tolist() == [0, 1, 2] + [options.IGNORE] * 7
+  random = options.kept_labels(y, 0.5, "random", rng)
+  kept = random != options.IGNORE
+  assert kept.sum() == 5 and (random[kept] == y[kept]).all()
+  assert (options.kept_labels(y, 1.0, "random", rng) == y).all()
+
+
 def test_options_table(tmp_path, capsys):
-  result = cli.main(["options", "--quick", "--rounds", "1", "--json",
+  result = cli.main(["options", "--quick", "--only", "options", "--only",
+                     "head", "--rounds", "1", "--json",
                      str(tmp_path / "o.json")])
+  assert "sweep" not in result
   assert set(result["results"]) == set(options.OPTIONS)
+  assert list(result["results"])[-1] == "plain"  # the baseline, listed last
+  for name, r in result["results"].items():
+    assert (name == "plain") != (r.get("ratio_to_plain", 0) > 0), name
   out = capsys.readouterr().out
   for name in options.OPTIONS:
     assert name in out
