@@ -231,6 +231,40 @@ def jax_linear_distill(hs, ws, ht, wt, bs=None, bt=None, labels=None, *,
   return loss
 
 
+# ------------------------------------------------ fused against unfused
+
+
+def assert_same_value_and_vjp(fused, unfused, *args, rtol=1e-13, atol=1e-14,
+                              vjp_rtol=1e-12, vjp_atol=1e-14, seed=0):
+  """``fused(*args)`` equals ``unfused(*args)``, and so do their VJPs with
+  respect to every argument for one random cotangent.
+
+  The outputs may be any pytree: floating leaves are compared within
+  ``rtol``/``atol``, the others (integer, boolean) exactly, and take the
+  zero (``float0``) cotangent. The VJPs are compared within
+  ``vjp_rtol``/``vjp_atol``."""
+  import jax
+
+  got, pull_fused = jax.vjp(fused, *args)
+  want, pull_unfused = jax.vjp(unfused, *args)
+  got_leaves, got_tree = jax.tree.flatten(got)
+  want_leaves, want_tree = jax.tree.flatten(want)
+  assert got_tree == want_tree, (got_tree, want_tree)
+  rng = np.random.default_rng(seed)
+  cts = []
+  for a, b in zip(got_leaves, want_leaves, strict=True):
+    assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
+    if jax.numpy.issubdtype(np.asarray(b).dtype, jax.numpy.inexact):
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+      cts.append(rng.normal(size=np.shape(b)).astype(np.asarray(b).dtype))
+    else:
+      np.testing.assert_array_equal(a, b)
+      cts.append(np.zeros(np.shape(b), jax.dtypes.float0))
+  ct = jax.tree.unflatten(want_tree, cts)
+  for a, b in zip(pull_fused(ct), pull_unfused(ct), strict=True):
+    np.testing.assert_allclose(a, b, rtol=vjp_rtol, atol=vjp_atol)
+
+
 # ------------------------------------------------------ older JAX releases
 
 
