@@ -38,11 +38,43 @@ def log_sigmoid(x):
   return sp.log_expit(f64(x))
 
 
-def ce_int(logits, labels):
-  """-log softmax(x)[label] over the last axis."""
+def ce_int_target(labels, num_classes, *, ignore_index=None,
+                  label_smoothing=0.0, class_weights=None):
+  """PyTorch's weighted, smoothed target over the last axis,
+  ``t = (1 − ε)·w_y·onehot(y) + ε·w/C``; all zero for ignored labels."""
+  y = np.asarray(labels)
+  w = (np.ones(num_classes) if class_weights is None
+       else f64(class_weights))
+  kept = (np.ones(y.shape, bool) if ignore_index is None
+          else y != ignore_index)
+  safe = np.where(kept, y, 0)
+  eps = label_smoothing
+  t = (1 - eps) * w[safe][..., None] * np.eye(num_classes)[safe] + (
+      eps * w / num_classes)
+  return t * kept[..., None]
+
+
+def ce_int(logits, labels, *, ignore_index=None, label_smoothing=0.0,
+           z_loss=0.0, logit_soft_cap=None, class_weights=None,
+           temperature=1.0):
+  """``−Σ_c t_c log softmax(z)_c + λ·lse(z)²`` over the last axis, with
+  ``z = a·tanh(x/a)/T``, ``t`` from :func:`ce_int_target` and
+  ``0·log 0 = 0``; 0 for ignored labels. Without options,
+  ``−log softmax(x)[label]``."""
   x = f64(logits)
-  lab = np.asarray(labels)[..., None]
-  return -np.take_along_axis(sp.log_softmax(x, axis=-1), lab, -1)[..., 0]
+  z = x if logit_soft_cap is None else (
+      logit_soft_cap * np.tanh(x / logit_soft_cap))
+  z = z / temperature
+  t = ce_int_target(labels, x.shape[-1], ignore_index=ignore_index,
+                    label_smoothing=label_smoothing,
+                    class_weights=class_weights)
+  logp = sp.log_softmax(z, axis=-1)
+  loss = -np.sum(np.where(t == 0, 0.0, t * logp), axis=-1)
+  if z_loss:
+    loss = loss + z_loss * sp.logsumexp(z, axis=-1) ** 2
+  if ignore_index is not None:
+    loss = np.where(np.asarray(labels) != ignore_index, loss, 0.0)
+  return loss
 
 
 def ce_int_grad(logits, labels):
@@ -85,14 +117,16 @@ def rel_err(actual, expected) -> float:
 
 def jax_ce_int(x, y, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
                logit_soft_cap=None, class_weights=None, reduction="none",
-               temperature=1.0):
+               temperature=1.0, where=None):
   """PyTorch's cross-entropy with its options, plus the z-loss:
   ``−Σ_c t_c log softmax(z)_c + λ·lse(z)²`` with ``z = a·tanh(x/a)/T`` and
   ``t = (1 − ε)·w_y·onehot(y) + ε·w/C``; ignored rows give 0; ``"mean"``
-  divides by ``Σ w_y`` over kept rows."""
+  divides by ``Σ w_y`` over kept rows. ``where`` leaves entries out of the
+  softmax (without smoothing: ``ε/C`` would fall on them)."""
   import jax
   import jax.numpy as jnp
 
+  assert where is None or not label_smoothing
   num_classes = x.shape[-1]
   z = x if logit_soft_cap is None else (
       logit_soft_cap * jnp.tanh(x / logit_soft_cap))
@@ -102,11 +136,14 @@ def jax_ce_int(x, y, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0,
   kept = (jnp.ones(y.shape, bool) if ignore_index is None
           else y != ignore_index)
   safe = jnp.where(kept, y, 0)
-  onehot = jax.nn.one_hot(safe, num_classes, dtype=x.dtype)
   eps = label_smoothing
-  t = (1 - eps) * w[safe][..., None] * onehot + eps * w / num_classes
-  lse = jax.nn.logsumexp(z, axis=-1)
-  loss = -jnp.sum(t * jax.nn.log_softmax(z), axis=-1) + z_loss * lse**2
+  logp = jax.nn.log_softmax(z, where=where)
+  picked = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  loss = -(1 - eps) * w[safe] * picked
+  if eps:
+    loss = loss - eps / num_classes * jnp.sum(w * logp, axis=-1)
+  if z_loss:
+    loss = loss + z_loss * jax.nn.logsumexp(z, axis=-1, where=where)**2
   loss = jnp.where(kept, loss, 0)
   if reduction == "sum":
     return jnp.sum(loss)
@@ -229,6 +266,40 @@ def jax_linear_distill(hs, ws, ht, wt, bs=None, bt=None, labels=None, *,
   if reduction == "mean":
     return jnp.sum(loss) / jnp.sum(kept).astype(loss.dtype)
   return loss
+
+
+# ------------------------------------------------ fused against unfused
+
+
+def assert_same_value_and_vjp(fused, unfused, *args, rtol=1e-13, atol=1e-14,
+                              vjp_rtol=1e-12, vjp_atol=1e-14, seed=0):
+  """``fused(*args)`` equals ``unfused(*args)``, and so do their VJPs with
+  respect to every argument for one random cotangent.
+
+  The outputs may be any pytree: floating leaves are compared within
+  ``rtol``/``atol``, the others (integer, boolean) exactly, and take the
+  zero (``float0``) cotangent. The VJPs are compared within
+  ``vjp_rtol``/``vjp_atol``."""
+  import jax
+
+  got, pull_fused = jax.vjp(fused, *args)
+  want, pull_unfused = jax.vjp(unfused, *args)
+  got_leaves, got_tree = jax.tree.flatten(got)
+  want_leaves, want_tree = jax.tree.flatten(want)
+  assert got_tree == want_tree, (got_tree, want_tree)
+  rng = np.random.default_rng(seed)
+  cts = []
+  for a, b in zip(got_leaves, want_leaves, strict=True):
+    assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
+    if jax.numpy.issubdtype(np.asarray(b).dtype, jax.numpy.inexact):
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+      cts.append(rng.normal(size=np.shape(b)).astype(np.asarray(b).dtype))
+    else:
+      np.testing.assert_array_equal(a, b)
+      cts.append(np.zeros(np.shape(b), jax.dtypes.float0))
+  ct = jax.tree.unflatten(want_tree, cts)
+  for a, b in zip(pull_fused(ct), pull_unfused(ct), strict=True):
+    np.testing.assert_allclose(a, b, rtol=vjp_rtol, atol=vjp_atol)
 
 
 # ------------------------------------------------------ older JAX releases

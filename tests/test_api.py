@@ -104,13 +104,33 @@ def test_same_answers_as_the_peer_on_ordinary_inputs(name):
                              rtol=1e-14)
 
 
-def test_the_wheel_holds_jsoft_only():
-  # A top-level "bench" in site-packages could shadow, or be shadowed by,
-  # any other; the benchmark runs from a checkout.
-  import pathlib
-  import tomllib
+def _documented_args(doc):
+  """The names the docstring's ``Args:`` section describes: each entry is
+  a line at the section's indent (with its deeper continuation lines), and
+  names one or more parameters, comma-separated, before its first colon."""
+  section = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
+  lines = [line for line in section.splitlines() if line.strip()]
+  indent = len(lines[0]) - len(lines[0].lstrip())
+  entries = []
+  for line in lines:
+    if len(line) - len(line.lstrip()) == indent:
+      entries.append(line.strip())
+    else:
+      entries[-1] += " " + line.strip()
+  return {name.strip() for entry in entries
+          for name in entry.split(":", 1)[0].split(",")}
 
-  root = pathlib.Path(__file__).resolve().parent.parent
-  config = tomllib.loads((root / "pyproject.toml").read_text())
-  assert config["tool"]["hatch"]["build"]["targets"]["wheel"][
-      "packages"] == ["jsoft"]
+
+@pytest.mark.parametrize("name", sorted(set(jsoft.__all__) - {"TokenStats"}))
+def test_every_parameter_documented_under_args_and_a_returns_section(name):
+  fn = getattr(jsoft, name)
+  doc = inspect.getdoc(fn)
+  assert "Args:" in doc and "Returns:" in doc, name
+  assert doc.index("Args:") < doc.index("Returns:"), name
+  assert _documented_args(doc) == set(inspect.signature(fn).parameters)
+
+
+def test_token_stats_documents_every_field():
+  doc = jsoft.TokenStats.__doc__
+  for field in jsoft.TokenStats._fields:
+    assert f"``{field}``:" in doc, field

@@ -4,6 +4,9 @@ Each fallback is tested directly here, whichever path this release takes,
 against a value worked out by hand or in NumPy.
 """
 
+import importlib.metadata
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,10 +81,33 @@ def test_matmul_of_bfloat16_tiles_in_a_loop():
                                              8 * (1 + 2.0**-6 + 2.0**-14)))
 
 
-def test_versions_parse():
-  assert _compat.JAX_VERSION == tuple(
-      int(p) for p in jax.__version__.split(".")[:3])
-  assert len(_compat.JAXLIB_VERSION) == 3
+def _release(distribution):
+  """The first three numbers of an installed distribution's version, from
+  its package metadata: ``"0.4.38"`` → ``(0, 4, 38)``, ``"0.8.1.dev20"``
+  → ``(0, 8, 1)``."""
+  fields = importlib.metadata.version(distribution).split(".")[:3]
+  return tuple(int(re.match(r"\d+", f).group()) for f in fields)
+
+
+def test_versions_are_the_installed_releases():
+  assert _compat.JAX_VERSION == _release("jax")
+  assert _compat.JAXLIB_VERSION == _release("jaxlib")
+  # The floor pyproject.toml declares, which the fallbacks are written for.
+  assert _compat.JAX_VERSION >= (0, 4, 38)
+  assert _compat.JAXLIB_VERSION >= (0, 4, 38)
+
+
+def test_matmul_accumulates_bfloat16_products_in_float32():
+  r = np.random.default_rng(0)
+  a = jnp.asarray(r.normal(size=(5, 33)), jnp.bfloat16)
+  b = jnp.asarray(r.normal(size=(33, 3)), jnp.bfloat16)
+  out = jax.jit(lambda a, b: _compat.matmul(a, b, jnp.float32))(a, b)
+  assert out.dtype == jnp.float32
+  # Each product of two bfloat16s (8-bit significands) is exact in float32;
+  # 33 float32 additions err by at most 33·ε₃₂·Σ|aᵢ·bᵢ| (NumPy, float64).
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  bound = 33 * np.finfo(np.float32).eps * (np.abs(a64) @ np.abs(b64))
+  assert np.all(np.abs(np.asarray(out, np.float64) - a64 @ b64) <= bound)
 
 
 def test_barrier_keeps_values_and_gradients():

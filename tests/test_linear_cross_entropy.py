@@ -78,23 +78,13 @@ CASES = [(shape, "plain") for shape in SHAPES] + [
     ("tokens", "all_temperature"), ("vocab_padded", "all_temperature")]
 
 
-def _assert_equal_losses(fused, unfused, h, w, b):
-  """The same values, and the same VJPs with respect to h, W and b."""
-  np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), rtol=1e-13,
-                             atol=1e-14)
-  ct = rng.normal(size=np.shape(unfused(h, w, b)))
-  _, pull_f = jax.vjp(fused, h, w, b)
-  _, pull_u = jax.vjp(unfused, h, w, b)
-  for got, want in zip(pull_f(ct), pull_u(ct), strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
-
-
 @pytest.mark.parametrize("shape_name,opt_name", CASES)
 def test_value_and_gradients_equal_the_unfused_loss(shape_name, opt_name):
   n, d, v, chunk = SHAPES[shape_name]
   h, w, b, y = _problem(n, d, v)
   weights = rng.uniform(0.5, 2.0, size=v) if opt_name != "plain" else None
-  _assert_equal_losses(*_pair(OPTIONS[opt_name], y, chunk, weights), h, w, b)
+  helpers.assert_same_value_and_vjp(
+      *_pair(OPTIONS[opt_name], y, chunk, weights), h, w, b)
 
 
 @pytest.mark.parametrize("shape_name,opt_name", [
@@ -228,11 +218,7 @@ def test_sample_weights_and_where_equal_the_unfused_loss(shape_name):
   def unfused(h, w, b):
     return int_ce(h @ w + b, y, where=mask, **kw)
 
-  np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), rtol=1e-13)
-  for got, want in zip(jax.grad(fused, argnums=(0, 1, 2))(h, w, b),
-                       jax.grad(unfused, argnums=(0, 1, 2))(h, w, b),
-                       strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+  helpers.assert_same_value_and_vjp(fused, unfused, h, w, b, atol=0)
 
 
 def test_where_is_ignore_index_per_token():
@@ -364,7 +350,7 @@ def test_tile_by_either_loop_equals_the_unfused_loss(shape_name, tile_by,
   n, d, v, chunk = SHAPES[shape_name]
   h, w, b, y = _problem(n, d, v, seed=8)
   weights = rng.uniform(0.5, 2.0, size=v) if opt_name != "plain" else None
-  _assert_equal_losses(
+  helpers.assert_same_value_and_vjp(
       *_pair(OPTIONS[opt_name], y, chunk, weights, tile_by), h, w, b)
 
 

@@ -30,21 +30,6 @@ ALL_INT = dict(ignore_index=-1, label_smoothing=0.1, z_loss=1e-2,
                logit_soft_cap=3.0, class_weights=W)
 
 
-def _target(y, eps, w):
-  """Torch's weighted smoothed target (1 − ε)·w_y·onehot + ε·w/C, float64."""
-  onehot = np.eye(C)[np.where(y < 0, 0, y)] * (y >= 0)[:, None]
-  return (1 - eps) * w[np.where(y < 0, 0, y)][:, None] * onehot + (
-      eps * w / C) * (y >= 0)[:, None]
-
-
-def _ref_int(x, y, eps=0.0, lam=0.0, cap=None, w=None):
-  """Σ t·(−log softmax(x̃)) + λ·lse(x̃)², kept rows only, float64 NumPy."""
-  z = x if cap is None else cap * np.tanh(x / cap)
-  t = _target(y, eps, np.ones(C) if w is None else w)
-  lse = sp.logsumexp(z, -1)
-  return (-(t * sp.log_softmax(z, -1)).sum(-1) + lam * lse**2) * (y >= 0)
-
-
 # ----------------------------------------------------------- the y − t rule
 
 
@@ -53,7 +38,8 @@ def test_gradient_is_prediction_minus_target():
   eps, lam, cap = 0.1, 1e-2, 3.0
   g = jax.grad(lambda x: int_ce(x, Y, **ALL_INT).sum())(X)
   z = cap * np.tanh(X / cap)
-  t = _target(Y, eps, W)
+  t = helpers.ce_int_target(Y, C, ignore_index=-1, label_smoothing=eps,
+                           class_weights=W)
   lse = sp.logsumexp(z, -1, keepdims=True)
   expected = sp.softmax(z, -1) * (t.sum(-1, keepdims=True) + 2 * lam * lse) - t
   expected = expected / np.cosh(X / cap) ** 2 * (Y >= 0)[:, None]
@@ -62,8 +48,7 @@ def test_gradient_is_prediction_minus_target():
 
 def test_values_match_float64_reference():
   np.testing.assert_allclose(
-      int_ce(X, Y, **ALL_INT),
-      _ref_int(X, Y, eps=0.1, lam=1e-2, cap=3.0, w=W), rtol=1e-13)
+      int_ce(X, Y, **ALL_INT), helpers.ce_int(X, Y, **ALL_INT), rtol=1e-13)
 
 
 # ------------------------------------------------------- every autodiff mode
@@ -101,22 +86,15 @@ def test_check_grads_every_mode(name):
   check_grads(MODES[name], (arg,), order=2, modes=("fwd", "rev"))
 
 
-def _ref_all(x):
-  # The textbook formula in jax.nn, differentiated by JAX's autodiff.
-  z = 3.0 * jnp.tanh(x / 3.0)
-  t = jnp.asarray(_target(Y, 0.1, W))
-  lse = jax.nn.logsumexp(z, -1)
-  kept = jnp.asarray(Y >= 0, x.dtype)
-  return (-(t * jax.nn.log_softmax(z)).sum(-1) + 1e-2 * lse**2) * kept
-
-
 def test_hessian_jacfwd_and_hvp_match_autodiff_of_the_formula():
+  # The textbook formula in jax.nn, differentiated by JAX's autodiff.
+  ref_all = lambda x: helpers.jax_ce_int(x, Y, **ALL_INT)  # noqa: E731
   f = lambda x: MODES["int_all"](x).sum()  # noqa: E731
-  ref = lambda x: _ref_all(x).sum()  # noqa: E731
+  ref = lambda x: ref_all(x).sum()  # noqa: E731
   np.testing.assert_allclose(jax.hessian(f)(X), jax.hessian(ref)(X),
                              rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(jax.jacfwd(MODES["int_all"])(X),
-                             jax.jacrev(_ref_all)(X), rtol=1e-10, atol=1e-12)
+                             jax.jacrev(ref_all)(X), rtol=1e-10, atol=1e-12)
   v = rng.normal(size=X.shape)
   hvp = jax.jvp(jax.grad(f), (X,), (v,))[1]
   np.testing.assert_allclose(hvp, jax.jvp(jax.grad(ref), (X,), (v,))[1],
@@ -152,8 +130,8 @@ def test_16_bit_logits_give_float32_loss_and_own_dtype_gradient(dtype):
   x = jnp.asarray(X * 4, dtype)
   loss = int_ce(x, Y, **ALL_INT)
   assert loss.dtype == jnp.float32
-  expected = _ref_int(np.asarray(x, np.float64), Y, eps=0.1, lam=1e-2,
-                      cap=3.0, w=np.asarray(W, np.float32).astype(np.float64))
+  expected = helpers.ce_int(x, Y, **dict(
+      ALL_INT, class_weights=np.asarray(W, np.float32)))
   assert helpers.rel_err(loss, expected) < 1e-5
   g = jax.grad(lambda x: int_ce(x, Y, **ALL_INT, reduction="mean"))(x)
   assert g.dtype == dtype
@@ -178,7 +156,7 @@ def test_ignored_and_masked_rows_get_exact_zero_even_with_nan_logits():
   assert np.isfinite(loss)
   assert np.all(np.asarray(grad)[2:] == 0)
   np.testing.assert_allclose(
-      loss, _ref_int(X[:2], Y[:2], 0.1, 1e-2, 3.0, W).sum(), rtol=1e-13)
+      loss, helpers.ce_int(X[:2], Y[:2], **ALL_INT).sum(), rtol=1e-13)
 
 
 def test_out_of_range_labels_that_are_not_ignored_are_nan():
@@ -292,7 +270,8 @@ def test_temperature_divides_what_the_softmax_sees(temperature, cap):
   z = X if cap is None else cap * np.tanh(X / cap)
   z = z / temperature
   kept = Y >= 0
-  want = -sp.log_softmax(z, -1)[np.arange(N), np.where(kept, Y, 0)] * kept
+  want = helpers.ce_int(X, Y, ignore_index=-1, logit_soft_cap=cap,
+                        temperature=temperature)
   got = int_ce(X, Y, ignore_index=-1, logit_soft_cap=cap,
                temperature=temperature)
   np.testing.assert_allclose(got, want, rtol=1e-13)
@@ -339,7 +318,7 @@ def test_sample_weights_scale_each_example_and_the_mean():
   # L_n = s_n·w_y·CE_n; "mean" divides by Σ s_n·w_y over kept examples.
   kept = Y >= 0
   safe = np.where(kept, Y, 0)
-  ce = -sp.log_softmax(X, -1)[np.arange(N), safe] * W[safe] * kept
+  ce = helpers.ce_int(X, Y, ignore_index=-1, class_weights=W)
   got = int_ce(X, Y, ignore_index=-1, class_weights=W, sample_weights=S)
   np.testing.assert_allclose(got, S * ce, rtol=1e-13)
   mean = int_ce(X, Y, ignore_index=-1, class_weights=W, sample_weights=S,

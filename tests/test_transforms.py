@@ -16,6 +16,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jsoft
+from tests import helpers
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(3, 4))
@@ -24,18 +25,6 @@ T = rng.dirichlet(np.ones(4), size=3)
 Y = np.array([0, 3, 1])
 B = rng.uniform(0.5, 2.0, size=(3, 4))
 BIN = rng.uniform(size=(3, 4))
-
-
-def _ref_int_ce(x, y, where=None):
-  # (No label of Y falls on a masked entry of MASK.)
-  logp = jax.nn.log_softmax(x, where=where)
-  return -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
-
-
-def _ref_bce(x, t):
-  return t * jax.nn.softplus(-x) + (1 - t) * jax.nn.softplus(x)
-
-
 TEACHER = rng.normal(size=(3, 4))
 HEAD = rng.normal(size=(4, 5))  # the student's head for X as hidden states
 T_HIDDEN, T_HEAD = rng.normal(size=(3, 2)), rng.normal(size=(2, 5))
@@ -43,17 +32,6 @@ T_HIDDEN, T_HEAD = rng.normal(size=(3, 2)), rng.normal(size=(2, 5))
 
 def _ref_kl(log_q, t):
   return jnp.sum(t * (jnp.log(t) - log_q), -1)
-
-
-def _ref_distill(x, t, kind, temp=1.0, beta=0.5):
-  ls, lt = jax.nn.log_softmax(x / temp), jax.nn.log_softmax(t / temp)
-  ps, pt = jnp.exp(ls), jnp.exp(lt)
-  if kind == "forward_kl":
-    return jnp.sum(pt * (lt - ls), -1)
-  if kind == "reverse_kl":
-    return jnp.sum(ps * (ls - lt), -1)
-  lm = jnp.log(beta * pt + (1 - beta) * ps)
-  return jnp.sum(beta * pt * (lt - lm) + (1 - beta) * ps * (ls - lm), -1)
 
 
 # name: (jsoft function of x, reference function of x, input)
@@ -87,32 +65,35 @@ CASES = {
             x, where=MASK), 0), -1), X),
     "integer_labels": (
         lambda x: jsoft.softmax_cross_entropy_with_integer_labels(x, Y),
-        lambda x: _ref_int_ce(x, Y), X),
+        lambda x: helpers.jax_ce_int(x, jnp.asarray(Y)), X),
     "integer_labels_axis0": (
         lambda x: jsoft.softmax_cross_entropy_with_integer_labels(
             x.T, Y, axis=0),
-        lambda x: _ref_int_ce(x, Y), X),
+        lambda x: helpers.jax_ce_int(x, jnp.asarray(Y)), X),
     "integer_labels_where": (
         lambda x: jsoft.softmax_cross_entropy_with_integer_labels(
             x, Y, where=MASK),
-        lambda x: _ref_int_ce(x, Y, where=MASK), X),
+        # (No label of Y falls on a masked entry of MASK.)
+        lambda x: helpers.jax_ce_int(x, jnp.asarray(Y), where=MASK), X),
     "sigmoid_binary_cross_entropy": (
         lambda x: jsoft.sigmoid_binary_cross_entropy(x, BIN),
-        lambda x: _ref_bce(x, BIN), X),
+        lambda x: helpers.jax_bce(x, BIN), X),
     "sigmoid_binary_cross_entropy_grad_labels": (
         lambda t: jsoft.sigmoid_binary_cross_entropy(X, t),
-        lambda t: _ref_bce(X, t), BIN),
+        lambda t: helpers.jax_bce(X, t), BIN),
     "distillation_forward_kl": (
         lambda x: jsoft.distillation_loss(x, TEACHER),
-        lambda x: _ref_distill(x, TEACHER, "forward_kl"), X),
+        lambda x: helpers.jax_distill(x, TEACHER), X),
     "distillation_reverse_kl_t2": (
         lambda x: jsoft.distillation_loss(x, TEACHER, divergence="reverse_kl",
                                           temperature=2.0),
-        lambda x: _ref_distill(x, TEACHER, "reverse_kl", 2.0), X),
+        lambda x: helpers.jax_distill(
+            x, TEACHER, divergence="reverse_kl", temperature=2.0), X),
     "distillation_jsd": (
         lambda x: jsoft.distillation_loss(x, TEACHER, divergence="jsd",
                                           beta=0.3),
-        lambda x: _ref_distill(x, TEACHER, "jsd", beta=0.3), X),
+        lambda x: helpers.jax_distill(
+            x, TEACHER, divergence="jsd", beta=0.3), X),
     "kl_divergence": (lambda x: jsoft.kl_divergence(x, T),
                       lambda x: _ref_kl(x, T), X),
     "kl_divergence_grad_targets": (lambda t: jsoft.kl_divergence(X, t),
@@ -123,7 +104,8 @@ CASES = {
     "linear_distillation_loss": (
         lambda h: jsoft.linear_distillation_loss(
             h, HEAD, T_HIDDEN, T_HEAD, divergence="jsd", chunk_size=2),
-        lambda h: _ref_distill(h @ HEAD, T_HIDDEN @ T_HEAD, "jsd"), X),
+        lambda h: helpers.jax_distill(
+            h @ HEAD, T_HIDDEN @ T_HEAD, divergence="jsd"), X),
 }
 
 # A fixed random weighting turns any output into a scalar with a non-trivial
