@@ -215,7 +215,7 @@ def _head_bwd(loop: Loop, res: HeadResiduals, ct):
   init = (tiling.zeros(w.shape, acc, *refs),
           None if b is None else tiling.zeros(b.shape, acc, *refs))
   (dw, db), dh = tiling.scan_tokens(tiles, tile, init, kept=res.kept,
-                                    remat=loop.classes is None, refs=refs)
+                                    remat=True, refs=refs)
   grads = tiling.cast(tiling.Grads(dh, dw, db), h, w, b)
   return (*grads, None, None, None, None)
 

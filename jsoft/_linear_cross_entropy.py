@@ -108,8 +108,13 @@ def _head_loss(opts, chunk_size, by_tokens, h, w, b, target, dense,
     loop = _head.Loop(opts.lmap, min(chunk_size or tiling.token_tile(
         n, vocab), n), None, vocab, opts.axis_name, stats)
   else:
-    size, keep_ht = tiling.class_tile(n, h.shape[1], vocab, chunk_size)
-    rows = n if compaction is None else tiling.row_tile(n)
+    if compaction is None:
+      rows = n
+      size, keep_ht = tiling.class_tile(n, h.shape[1], vocab, chunk_size)
+    else:
+      rows = tiling.row_tile(n)
+      size, keep_ht = tiling.row_tiled_class_tile(n, h.shape[1], vocab, rows,
+                                                  chunk_size)
     loop = _head.Loop(opts.lmap, rows, size, vocab, opts.axis_name, stats,
                       keep_ht)
   shift, sums, argmax = _head.head_sums(loop, h, w, b, target.label,

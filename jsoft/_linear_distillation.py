@@ -76,9 +76,7 @@ class Rows(NamedTuple):
     return lambda sums: self.hard * _loss_rule.row_loss(target, shift, sums,
                                                         0.0)
 
-  def forward(self, h_t, w, b, tokens, whole, own):
-    del own
-    block, target, scaled = self._heads(h_t, w, b, tokens, whole)
+  def _forward(self, block, target, scaled):
     d, rows = _distillation.row_stats(self.div, *scaled)
     loss = jnp.where(target.keep, (1 - self.hard) * d, 0)
     hard = None
@@ -88,8 +86,7 @@ class Rows(NamedTuple):
       loss, hard = loss + self._hard_loss(target, m)(sums), (m, sums)
     return loss, (rows, hard)
 
-  def backward(self, h_t, w, b, tokens, whole, own, res, k):
-    block, target, scaled = self._heads(h_t, w, b, tokens, whole)
+  def _backward(self, block, target, scaled, own, res, k):
     rows, hard = res
     keep = target.keep & own
     k = jnp.where(keep, k, 0)
@@ -103,9 +100,18 @@ class Rows(NamedTuple):
                                     ct)[0]
     return g
 
+  def forward(self, h_t, w, b, tokens, whole, own):
+    del own
+    return self._forward(*self._heads(h_t, w, b, tokens, whole))
+
+  def backward(self, h_t, w, b, tokens, whole, own, res, k):
+    heads = self._heads(h_t, w, b, tokens, whole)
+    return self._backward(*heads, own, res, k)
+
   def forward_and_backward(self, h_t, w, b, tokens, whole, own, k):
-    loss, res = self.forward(h_t, w, b, tokens, whole, own)
-    return loss, self.backward(h_t, w, b, tokens, whole, own, res, k)
+    heads = self._heads(h_t, w, b, tokens, whole)  # one tile of each head
+    loss, res = self._forward(*heads)
+    return loss, self._backward(*heads, own, res, k)
 
   def sharded(self, h_t, w, b, tokens, whole):
     """Each token's loss with its row split over ``axis_name``: the max

@@ -111,6 +111,21 @@ def row_tile(n: int) -> int:
   return min(n, rows + (-rows) % 8)
 
 
+def row_tiled_class_tile(n: int, d: int, vocab: int, rows: int,
+                         size: int | None) -> tuple[int, bool]:
+  """:func:`class_tile` for row tiles of ``rows`` tokens: as asked, or by
+  default a tile of the same area as the default one over all ``n``
+  tokens (``n/rows`` times the classes; so as many tiles in all, each
+  matmul as large, and the same memory)."""
+  if size:
+    return class_tile(rows, d, vocab, size)
+  size = class_tile(n, d, vocab, None)[0] * n // rows
+  if size >= 8:
+    size -= size % 8
+  size = max(1, min(size, vocab))
+  return size, d <= size
+
+
 def peak_bytes(loop: str, n: int, d: int, v: int, c: int, *,
                rows: int | None = None, compacted: bool = False,
                reduced: bool = False, tiles: int = 12) -> int:
