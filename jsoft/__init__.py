@@ -16,8 +16,8 @@ from jsoft._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,  # noqa: E501
 )
 from jsoft._distillation import distillation_loss as distillation_loss
-from jsoft._distillation import kl_divergence as kl_divergence
-from jsoft._distillation import (
+from jsoft._kl import kl_divergence as kl_divergence
+from jsoft._kl import (
     kl_divergence_with_log_targets as kl_divergence_with_log_targets,
 )
 from jsoft._linear_cross_entropy import (

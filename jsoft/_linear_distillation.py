@@ -38,6 +38,7 @@ from jsoft import (
   _drivers,
   _loss_rule,
   _options,
+  _plain,
 )
 from jsoft import _tiling as tiling
 from jsoft._distillation import Divergence
@@ -117,7 +118,7 @@ class Rows(NamedTuple):
     """Each token's loss with its row split over ``axis_name``: the max
     and the sums cross devices (:mod:`jsoft._collectives`), and JAX
     differentiates the tile (the hard term through the loss rule's own
-    VJP, :func:`jsoft._loss_rule.sums`)."""
+    VJP, :func:`jsoft._plain.differentiable_sums`)."""
     ax = self.axis_name
     block, target, (s_t, t_t) = self._heads(h_t, w, b, tokens, whole)
     lse_s, lse_t = _sharded_lse(s_t, ax), _sharded_lse(t_t, ax)
@@ -127,8 +128,9 @@ class Rows(NamedTuple):
     loss = jnp.where(target.keep, (1 - self.hard) * d, 0)
     if self.hard:
       top = _collectives.pmax(_loss_rule.block_max(block, None), ax)
-      sums = _collectives.psum(_loss_rule.sums(None, block, top, target.label,
-                                               target.keep), ax)
+      sums = _plain.differentiable_sums(None, block, top, target.label,
+                                        target.keep)
+      sums = _collectives.psum(sums, ax)
       loss = loss + self._hard_loss(target, top)(sums)
     return loss
 

@@ -38,11 +38,13 @@ block. With ``∂L/∂s = (λ + U + 2λ_z·lse)/s``, ``∂L/∂x̃_y = −λ`` a
 times ``dx̃/dx`` (the cap's and the temperature's slope): one elementwise pass,
 no one-hot array. :func:`row_loss`, the per-example algebra above, is plain JAX
 and differentiated by JAX, as are the collectives that combine devices' sums.
-The drivers call these: :func:`sums` (the block's sums with :func:`block_grad`
-as their VJP rule, every autodiff mode) for the sharded plain loss;
+The drivers call these: :func:`jsoft._plain.differentiable_sums` (the
+block's sums with :func:`block_grad` as their VJP rule, every autodiff
+mode) for sharded rows;
 :func:`block_sums`, :func:`block_grad` and :func:`row_loss` inside their own
 VJP rules for the whole-row plain loss (:mod:`jsoft._plain`) and for each tile
-of the fused head (:mod:`jsoft._fused`). :func:`direct_loss` is
+of the fused heads (:mod:`jsoft._head`, :mod:`jsoft._drivers`).
+:func:`direct_loss` is
 :func:`row_loss` of a whole row evaluated as one chain of reductions, for a
 forward pass alone.
 """
@@ -55,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _rules, _spellings
+from jsoft import _checks, _spellings
 from jsoft._softcap import LogitMap, apply
 from jsoft._softmax import masked, mass, nan_where, row_shift
 
@@ -310,62 +312,6 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
     if keep is not None:
       g_dense = jnp.where(keep[..., None], g_dense, 0)
   return g, g_dense
-
-
-class SumsResiduals(NamedTuple):
-  block: Block
-  label: jax.Array | None
-  keep: jax.Array | None
-  shift: jax.Array
-  exp: jax.Array  # the forward's e^z, which the gradient scales
-
-
-def _sums_fun(static, logits, mask, first, dense, label, keep, shift):
-  lmap, entropy = static
-  out = block_sums(lmap, Block(logits, mask, first, dense), shift, label,
-                   entropy)
-  # Typed to vary like every input, so cotangents arrive per device
-  # (see jsoft._collectives).
-  return _collectives.varying_tree(out, logits, mask, dense, label, keep,
-                                   shift)
-
-
-def _sums_fwd(static, logits, mask, first, dense, label, keep, shift):
-  lmap, entropy = static
-  block = Block(logits, mask, first, dense)
-  # The gradient scales the forward's e^z rather than recompute them: the
-  # exp (and the cap's tanh), not memory, bounds these passes, and XLA
-  # writes e into the buffer the gradient then takes (the logits', when
-  # they die here).
-  out, e = block_sums_and_exp(lmap, block, shift, label, entropy)
-  out = _collectives.varying_tree(out, logits, mask, dense, label, keep,
-                                  shift)
-  return out, SumsResiduals(block, label, keep, shift, e)
-
-
-def _sums_bwd(static, res: SumsResiduals, ct):
-  lmap, _ = static
-  block = res.block
-  g, g_dense = block_grad(lmap, block, res.shift, res.label, res.keep, ct,
-                          res.exp)
-  g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
-  if g_dense is not None:
-    g_dense = _collectives.summed_like(g_dense, block.dense).astype(
-        block.dense.dtype)
-  return g, None, None, g_dense, None, None, None
-
-
-_sums = _rules.vjp_rule(_sums_fun, _sums_fwd, _sums_bwd)
-
-
-def sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
-         label: jax.Array | None, keep: jax.Array | None,
-         entropy: bool = False) -> Sums:
-  """:func:`block_sums`, differentiable in every mode through
-  :func:`block_grad` (with respect to the logits and a per-example dense
-  target)."""
-  return _sums((lmap, entropy), block.logits, block.mask, block.first,
-               block.dense, label, keep, lax.stop_gradient(shift))
 
 
 def rebase(sums: Sums, shift: jax.Array, new_shift: jax.Array,

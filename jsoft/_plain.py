@@ -8,7 +8,7 @@ sums (JAX's VJP of :func:`~jsoft._loss_rule.row_loss`).
 
 With ``axis_name`` (the classes split over a mesh axis) the row max
 crosses devices before the sums and the sums after them, as plain JAX
-collectives around the rule's own VJP (:func:`jsoft._loss_rule.sums`).
+collectives around the rule's own VJP (:func:`differentiable_sums`).
 Without it, one hand-written VJP covers the whole row, so that a call that
 is not differentiated can take :func:`~jsoft._loss_rule.direct_loss`: for a
 dense target (probability labels) that reads the logits and the targets
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsoft import _collectives, _loss_rule, _rules, _stats
-from jsoft._loss_rule import Block, Target
+from jsoft._loss_rule import Block, Sums, Target
 from jsoft._options import Options
+from jsoft._softcap import LogitMap
 
 
 def loss(opts: Options, logits: jax.Array, valid: jax.Array | None,
@@ -65,8 +66,8 @@ def _by_sums(opts, logits, valid, target, dense, stats):
   shift = _collectives.pmax(
       _loss_rule.block_max(block, opts.lmap, target.label), ax)
   sums = _collectives.psum(
-      _loss_rule.sums(opts.lmap, block, shift, target.label, target.keep,
-                      entropy=stats), ax)
+      differentiable_sums(opts.lmap, block, shift, target.label,
+                          target.keep, entropy=stats), ax)
   loss = _loss_rule.row_loss(target, shift, sums, opts.z_loss)
   if not stats:
     return loss, None
@@ -167,3 +168,62 @@ def _row_bwd(static, res: RowResiduals, ct):
 
 _MASS = Target._fields.index("dense_mass")
 _row = _rules.vjp_rule(_row_fun, _row_fwd, _row_bwd)
+
+
+# ------------------------------------------------- sums across devices
+
+
+class SumsResiduals(NamedTuple):
+  block: Block
+  label: jax.Array | None
+  keep: jax.Array | None
+  shift: jax.Array
+  exp: jax.Array  # the forward's e^z, which the gradient scales
+
+
+def _sums_fun(static, logits, mask, first, dense, label, keep, shift):
+  lmap, entropy = static
+  out = _loss_rule.block_sums(lmap, Block(logits, mask, first, dense), shift,
+                              label, entropy)
+  # Typed to vary like every input, so cotangents arrive per device
+  # (see jsoft._collectives).
+  return _collectives.varying_tree(out, logits, mask, dense, label, keep,
+                                   shift)
+
+
+def _sums_fwd(static, logits, mask, first, dense, label, keep, shift):
+  lmap, entropy = static
+  block = Block(logits, mask, first, dense)
+  # The gradient scales the forward's e^z rather than recompute them: the
+  # exp (and the cap's tanh), not memory, bounds these passes, and XLA
+  # writes e into the buffer the gradient then takes (the logits', when
+  # they die here).
+  out, e = _loss_rule.block_sums_and_exp(lmap, block, shift, label, entropy)
+  out = _collectives.varying_tree(out, logits, mask, dense, label, keep,
+                                  shift)
+  return out, SumsResiduals(block, label, keep, shift, e)
+
+
+def _sums_bwd(static, res: SumsResiduals, ct):
+  lmap, _ = static
+  block = res.block
+  g, g_dense = _loss_rule.block_grad(lmap, block, res.shift, res.label,
+                                     res.keep, ct, res.exp)
+  g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
+  if g_dense is not None:
+    g_dense = _collectives.summed_like(g_dense, block.dense).astype(
+        block.dense.dtype)
+  return g, None, None, g_dense, None, None, None
+
+
+_sums = _rules.vjp_rule(_sums_fun, _sums_fwd, _sums_bwd)
+
+
+def differentiable_sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
+         label: jax.Array | None, keep: jax.Array | None,
+         entropy: bool = False) -> Sums:
+  """:func:`block_sums`, differentiable in every mode through
+  :func:`block_grad` (with respect to the logits and a per-example dense
+  target)."""
+  return _sums((lmap, entropy), block.logits, block.mask, block.first,
+               block.dense, label, keep, lax.stop_gradient(shift))

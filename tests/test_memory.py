@@ -227,7 +227,7 @@ def test_fused_head_within_its_documented_bound(name, every_option):
       _fused_bound(n, d, v, chunk, compacted, scalar=True))
 
 
-def test_default_chunk_keeps_the_fused_head_under_a_sixteenth():
+def test_default_tile_keeps_the_fused_head_under_a_sixteenth():
   n, d, v = 8192, 64, 8192
   h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
   y = jnp.zeros((n,), jnp.int32)

@@ -393,7 +393,7 @@ def test_axis_name_needs_one_class_axis_and_example_masks():
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_reduced_fused_head_over_token_tiles_data_parallel(vma, reduction):
   # At least as many tokens per device as classes, reduced: the gradients
-  # are formed in the forward pass (jsoft._fused_scalar). Each device's
+  # are formed in the forward pass (jsoft._drivers.reduced). Each device's
   # are its tokens' share, summed once for the replicated weight. Raised
   # a type error under check_vma=True before.
   n, d, v = 32, 3, 8
