@@ -152,9 +152,10 @@ def _sharded_loss(rule: Rows, size: int, h, w, b, kept, tokens, whole):
                               whole)
 
   whole = lax.stop_gradient(whole)
-  refs = (h, w, b, *tokens, *whole)
+  # Each token's loss is summed over the devices that split its row: it
+  # varies like the per-token operands, not like W.
   return tiling.scan_tokens(tiles, tile, None, kept=kept, remat=True,
-                            refs=refs)[1]
+                            refs=(h, *tokens))[1]
 
 
 # ------------------------------------------------------------------ the API

@@ -416,3 +416,47 @@ def test_reduced_fused_head_over_token_tiles_data_parallel(vma, reduction):
   for got, want in zip(jax.tree.leaves(step(h, w, y)),
                        jax.tree.leaves(ref(h, w)), strict=True):
     _close(got, want)
+
+
+@pytest.mark.parametrize("vma", [True, False])
+@pytest.mark.parametrize("head", ["tokens", "classes", "distillation"])
+def test_gathered_out_ignored_tokens_on_a_dp_tp_mesh(vma, head):
+  # From 1024 tokens on, ignored tokens are gathered behind the kept ones
+  # and the tiles past them skipped (a cond per tile): with the tokens
+  # split over dp and the classes over tp, the value and the gradients of
+  # h and W equal the float64 reference, in both shard_map modes.
+  n, d, v, chunk = 2 * 1100, 3, 8, 96
+  h, w = rng.normal(size=(n, d)), rng.normal(size=(d, v))
+  ht, wt = rng.normal(size=(n, 2)), rng.normal(size=(2, v))
+  y = rng.integers(0, v, size=n)
+  y[rng.random(n) < 0.6] = IGNORE
+  kept = y != IGNORE
+
+  def local(h, w, ht, wt, y):
+    if head == "distillation":
+      per = jsoft.linear_distillation_loss(
+          h, w, ht, wt, labels=y, ignore_index=IGNORE, hard_weight=0.3,
+          chunk_size=chunk, axis_name="tp")
+    else:
+      per = lce(h, w, y, ignore_index=IGNORE, chunk_size=chunk,
+                tile_by=head, axis_name="tp")
+    return jax.lax.psum(jnp.sum(per), "dp")
+
+  spec = P(None, "tp")
+  step = jax.jit(jax.value_and_grad(helpers.shard_map(
+      local, mesh=_mesh((2, 2), ("dp", "tp")),
+      in_specs=(P("dp"), spec, P("dp"), spec, P("dp")), out_specs=P(),
+      check_vma=vma), argnums=(0, 1)))
+
+  def ref(h, w):
+    s = h @ w
+    ce = helpers.jax_ce_int(s, np.where(kept, y, 0))
+    if head == "distillation":
+      soft = helpers.jax_distill(s, ht @ wt)
+      ce = 0.7 * soft + 0.3 * ce
+    return jnp.sum(jnp.where(kept, ce, 0))
+
+  for got, want in zip(jax.tree.leaves(step(h, w, ht, wt, y)),
+                       jax.tree.leaves(jax.value_and_grad(ref, (0, 1))(h, w)),
+                       strict=True):
+    _close(got, want)

@@ -161,7 +161,7 @@ def test_ignored_tokens_are_skipped_tile_by_tile(head):
 def test_distillation_with_ignored_tokens_gathered_out(reduction, hard):
   # From 1024 tokens on the kept tokens are gathered first and the tiles
   # past them skipped: value and student gradients equal the unfused
-  # composition in float64, the ignored tokens' NaN features included.
+  # formulas in float64, the ignored tokens' NaN features included.
   n, d, v, chunk = 1100, 3, 40, 96
   r = np.random.default_rng(int(hard * 10) + len(reduction))
   hs, ws = r.normal(size=(n, d)), r.normal(size=(d, v))
@@ -179,9 +179,8 @@ def test_distillation_with_ignored_tokens_gathered_out(reduction, hard):
 
   def unfused(hs, ws):
     s, t = hs @ ws, ht @ wt
-    soft = jsoft.distillation_loss(s, t, divergence="jsd", temperature=1.5)
-    ce = jsoft.softmax_cross_entropy_with_integer_labels(
-        s, np.where(kept, y, 0))
+    soft = helpers.jax_distill(s, t, divergence="jsd", temperature=1.5)
+    ce = helpers.jax_ce_int(s, np.where(kept, y, 0))
     per = jnp.where(kept, (1 - hard) * soft + hard * ce, 0)
     return jnp.sum(per) / (float(kept.sum()) if reduction == "mean" else 1.0)
 
