@@ -143,80 +143,116 @@ def _head_fwd(loop: Loop, h, w, b, label, keep, dense, kept):
           HeadResiduals(h, w, b, label, keep, dense, kept, shift))
 
 
-def _row_grads(loop: Loop, res: HeadResiduals, ct_sums, h, label, keep,
-               shift, dw, db, single: bool):
-  """A token tile's ``dh`` rows, and ``dW``, ``db`` with its share added
-  (``single``: the only tile, whose shares are written, not added)."""
-  w, b = res.weight, res.bias
-  acc = _checks.compute_dtype(h.dtype)
-  if loop.classes is None:
-    first = _collectives.first_class(loop.axis_name, loop.vocab)
-    block = Block(tiling.logits(h, w, b, acc), None, first, res.dense)
-    g, _ = _loss_rule.block_grad(loop.lmap, block, shift, label, keep,
-                                 ct_sums)
-    dh, dw_t, db_t = tiling.fold(g, tiling.transposed(h), w, acc)
-    return dh, dw + dw_t, None if db is None else db + db_t
-  tiles = tiling.Tiles(loop.vocab, loop.classes)
-  ht = tiling.transposed(h) if loop.keep_ht else h.T
-
-  def tile(carry, j, start):
-    dh, dw, db = carry
-    # Every column of the tile, the previous tile's too where the last one
-    # overlaps it: only dh must not see them twice, so their W columns are
-    # zeroed for it (a [D, c] select, not an [r, c] one), and their dW and
-    # db columns, the same values, are written again (one token tile) or
-    # left as they are (several).
-    block, w_t = _class_block(loop, tiles, h, w, b, res.dense, j, start,
-                              masked=False)
-    g, _ = _loss_rule.block_grad(loop.lmap, block, shift, label, keep,
-                                 ct_sums)
-    own = (tiles.own(j, start, (1, tiles.size), 1) if tiles.overlaps
-           else None)
-    if own is not None:
-      w_t = jnp.where(own, w_t, 0)
-    dh_t, dw_t, db_t = tiling.fold(g, ht, w_t, acc)
-    if not single:
-      if own is not None:
-        dw_t, db_t = jnp.where(own, dw_t, 0), jnp.where(own[0], db_t, 0)
-      dw_t = dw_t + lax.dynamic_slice_in_dim(dw, start, tiles.size, axis=1)
-      if db is not None:
-        db_t = db_t + lax.dynamic_slice_in_dim(db, start, tiles.size)
-    dw = lax.dynamic_update_slice_in_dim(dw, dw_t, start, axis=1)
-    if db is not None:
-      db = lax.dynamic_update_slice_in_dim(db, db_t, start, axis=0)
-    return dh + dh_t, dw, db
-
-  refs = (h, w, b, label, keep, shift, *jax.tree.leaves(ct_sums))
-  return tiling.scan_classes(
-      tiles, tile, (tiling.zeros(h.shape, acc, *refs), dw, db), remat=True)
+def _own_rows(keep, own):
+  """``keep`` and the tile's own rows (the last tile's first rows are the
+  previous tile's)."""
+  if own is True:
+    return keep
+  return own if keep is None else keep & own
 
 
-def _head_bwd(loop: Loop, res: HeadResiduals, ct):
-  ct_sums = ct[1]  # the shift and the argmax have no gradient
+def _token_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
+  """Tiles of tokens over all classes: each tile's ``dh`` rows; ``dW`` and
+  ``db`` accumulated."""
   h, w, b = res.hidden, res.weight, res.bias
   acc = _checks.compute_dtype(h.dtype)
-  refs = (h, w, b, *jax.tree.leaves(ct_sums), res.label, res.keep,
-          res.shift)
+  first = _collectives.first_class(loop.axis_name, loop.vocab)
   tiles = tiling.Tiles(h.shape[0], loop.tokens)
-  single = tiles.count == 1 and res.kept is None
 
   def tile(carry, j, start, own):
     del j
     dw, db = carry
     rows = lambda x: tiling.rows(x, start, tiles.size)  # noqa: E731
-    keep = rows(res.keep)
-    if own is not True:  # the last tile's first rows are not its own
-      keep = own if keep is None else keep & own
-    dh, dw, db = _row_grads(loop, res, jax.tree.map(rows, ct_sums), rows(h),
-                            rows(res.label), keep, rows(res.shift), dw, db,
-                            single)
-    return (dw, db), dh
+    h_t = rows(h)
+    block = Block(tiling.logits(h_t, w, b, acc), None, first, res.dense)
+    keep = _own_rows(rows(res.keep), own)
+    g, _ = _loss_rule.block_grad(loop.lmap, block, rows(res.shift),
+                                 rows(res.label), keep,
+                                 jax.tree.map(rows, ct_sums))
+    dh, dw_t, db_t = tiling.fold(g, tiling.transposed(h_t), w, acc)
+    return (dw + dw_t, None if db is None else db + db_t), dh
 
   init = (tiling.zeros(w.shape, acc, *refs),
           None if b is None else tiling.zeros(b.shape, acc, *refs))
   (dw, db), dh = tiling.scan_tokens(tiles, tile, init, kept=res.kept,
                                     remat=True, refs=refs)
-  grads = tiling.cast(tiling.Grads(dh, dw, db), h, w, b)
+  return dh, dw, db
+
+
+def _class_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
+  """Tiles of classes, each over tiles of tokens (one, unless ignored
+  tokens are gathered out): ``dh`` accumulated; each class tile's ``dW``
+  and ``db`` columns written once. A token tile past the kept ones skips
+  its products (a cond that holds no carry: XLA:CPU copies a carry that
+  goes through one)."""
+  h, w, b = res.hidden, res.weight, res.bias
+  acc = _checks.compute_dtype(h.dtype)
+  classes = tiling.Tiles(loop.vocab, loop.classes)
+  tokens = tiling.Tiles(h.shape[0], loop.tokens)
+  ht = tiling.transposed(h) if loop.keep_ht else h.T
+
+  def class_tile(carry, j, start):
+    dh, dw, db = carry
+    # Every column of the tile, the previous tile's too where the last one
+    # overlaps it: only dh must not see them twice, so their W columns are
+    # zeroed for it (a [D, c] select, not an [r, c] one); their dW and db
+    # columns, the same values, are written again.
+    w_t = lax.dynamic_slice_in_dim(w, start, classes.size, axis=1)
+    if classes.overlaps:
+      w_t = jnp.where(classes.own(j, start, (1, classes.size), 1), w_t, 0)
+
+    def token_tile(carry, i, row, own):
+      dh, dw_t, db_t = carry
+      rows = lambda x: tiling.rows(x, row, tokens.size)  # noqa: E731
+
+      def products(_):
+        h_i = rows(h)
+        block, _ = _class_block(loop, classes, h_i, w, b, res.dense, j,
+                                start, masked=False)
+        g, _ = _loss_rule.block_grad(
+            loop.lmap, block, rows(res.shift), rows(res.label),
+            _own_rows(rows(res.keep), own), jax.tree.map(rows, ct_sums))
+        ht_i = (ht if tokens.count == 1 else
+                lax.dynamic_slice_in_dim(ht, row, tokens.size, axis=1))
+        return _collectives.varying_tree(tiling.fold(g, ht_i, w_t, acc),
+                                         *refs)
+
+      if res.kept is None:
+        dh_i, dw_i, db_i = products(None)
+      else:
+        shapes = jax.eval_shape(products, None)
+        zeros = lambda _: _collectives.varying_tree(  # noqa: E731
+            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+            *refs)
+        dh_i, dw_i, db_i = lax.cond(
+            i * tokens.size < res.kept.astype(i.dtype), products, zeros,
+            None)
+      if tokens.count > 1:
+        dh_i = dh_i + rows(dh)
+      dh = lax.dynamic_update_slice_in_dim(dh, dh_i, row, axis=0)
+      return (dh, dw_t + dw_i, db_t + db_i), None
+
+    inner = (dh, tiling.zeros((h.shape[1], classes.size), acc, *refs),
+             tiling.zeros((classes.size,), acc, *refs))
+    (dh, dw_t, db_t), _ = tiling.scan_tokens(tokens, token_tile, inner,
+                                             remat=True, refs=refs)
+    dw = lax.dynamic_update_slice_in_dim(dw, dw_t, start, axis=1)
+    if db is not None:
+      db = lax.dynamic_update_slice_in_dim(db, db_t, start, axis=0)
+    return dh, dw, db
+
+  init = (tiling.zeros(h.shape, acc, *refs), tiling.zeros(w.shape, acc, *refs),
+          None if b is None else tiling.zeros(b.shape, acc, *refs))
+  return tiling.scan_classes(classes, class_tile, init, remat=True)
+
+
+def _head_bwd(loop: Loop, res: HeadResiduals, ct):
+  ct_sums = ct[1]  # the shift and the argmax have no gradient
+  h, w, b = res.hidden, res.weight, res.bias
+  refs = (h, w, b, *jax.tree.leaves(ct_sums), res.label, res.keep,
+          res.shift)
+  run = _token_bwd if loop.classes is None else _class_bwd
+  grads = tiling.cast(tiling.Grads(*run(loop, res, ct_sums, refs)), h, w, b)
   return (*grads, None, None, None, None)
 
 

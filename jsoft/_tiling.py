@@ -114,12 +114,16 @@ def row_tile(n: int) -> int:
 def row_tiled_class_tile(n: int, d: int, vocab: int, rows: int,
                          size: int | None) -> tuple[int, bool]:
   """:func:`class_tile` for row tiles of ``rows`` tokens: as asked, or by
-  default a tile of the same area as the default one over all ``n``
-  tokens (``n/rows`` times the classes; so as many tiles in all, each
-  matmul as large, and the same memory)."""
+  default a tile whose step fits the default step over all ``n`` tokens:
+  the tile (``4·r·c``), the row tile's ``hᵀ`` and share of ``dh``
+  (``8·r·D``) and the class tile's ``dW`` share, the sum it is added to
+  and their sum (``12·D·c``), within 31/32 of twice the "classes" budget.
+  So about as many tiles in all as over all tokens, each matmul about as
+  large."""
   if size:
     return class_tile(rows, d, vocab, size)
-  size = class_tile(n, d, vocab, None)[0] * n // rows
+  nbytes = budget(n, vocab, "classes")
+  size = (2 * nbytes * 31 // 32 - 8 * rows * d) // (4 * rows + 12 * d)
   if size >= 8:
     size -= size % 8
   size = max(1, min(size, vocab))
@@ -138,7 +142,8 @@ def peak_bytes(loop: str, n: int, d: int, v: int, c: int, *,
     the forward pass) + ``4·D·V`` (``dW``) + ``4·N·D`` (``dh``);
   * ``"classes"``: ``8·r·c`` (``r`` = ``rows``, the row tile, default all
     ``N``) + ``4·N·D`` (``dh``) + ``4·D·V`` (``dW``) + ``4·r·D`` (``hᵀ``,
-    kept when ``D ≤ c``);
+    kept when ``D ≤ c``), and ``12·D·c`` in row tiles (a class tile's
+    ``dW`` share, the sum it is added to, their sum);
   * ``"distillation"``: ``tiles·4·c·V`` (both heads' tiles and the
     gradient: 12 for forward KL at ``T = 1`` up to 48 with the JSD, a
     temperature and the hard loss) + ``8·D·V`` (``dW`` and ``Wᵀ``) +
@@ -153,7 +158,8 @@ def peak_bytes(loop: str, n: int, d: int, v: int, c: int, *,
   if loop == "classes":
     r = n if rows is None else rows
     ht = 4 * r * d if d <= c else 0
-    return 8 * r * c + 4 * n * d + 4 * d * v + ht + extra
+    shares = 12 * d * c if r < n else 0
+    return 8 * r * c + 4 * n * d + 4 * d * v + ht + shares + extra
   if loop == "distillation":
     return tiles * 4 * c * v + 8 * d * v + 4 * n * d + 48 * n + extra
   raise ValueError(f"unknown loop {loop!r}")
