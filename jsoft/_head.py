@@ -227,9 +227,10 @@ def _class_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
         dh_i, dw_i, db_i = lax.cond(
             i * tokens.size < res.kept.astype(i.dtype), products, zeros,
             None)
-      if tokens.count > 1:
-        dh_i = dh_i + rows(dh)
-      dh = lax.dynamic_update_slice_in_dim(dh, dh_i, row, axis=0)
+      if tokens.count == 1:
+        dh = dh + dh_i
+      else:
+        dh = lax.dynamic_update_slice_in_dim(dh, rows(dh) + dh_i, row, axis=0)
       return (dh, dw_t + dw_i, db_t + db_i), None
 
     inner = (dh, tiling.zeros((h.shape[1], classes.size), acc, *refs),

@@ -54,7 +54,7 @@ BUDGETS = {  # loop: (share, cap in bytes)
 COMPACT_MIN_TOKENS = 1024
 # Row tiles of a class loop whose ignored tokens are gathered out: the kept
 # count is rounded up to 1/ROW_TILES of the tokens.
-ROW_TILES = 16
+ROW_TILES = 10
 
 
 def budget(n: int, width: int, loop: str) -> int:

@@ -43,10 +43,17 @@ def test_default_class_tiles():
 
 
 def test_row_tiles_of_a_compacted_class_loop():
-  # 1/16 of the tokens, rounded up to a multiple of 8.
-  assert tiling.row_tile(8192) == 512
-  assert tiling.row_tile(1000) == 64  # 62.5 → 63 → 64
+  # 1/10 of the tokens, rounded up to a multiple of 8; and the class tile
+  # for such rows: the step (4·r·c + 8·r·D + 12·D·c) within 31/32 of twice
+  # the 16 MiB budget: (31 MiB − 8·824·256 B) / (4·824 + 12·256 B) = 4839.6,
+  # so 4832 classes at N=8192, D=256, V=32768.
+  assert tiling.row_tile(8192) == 824  # 819.2 → 820 → 824
+  assert tiling.row_tile(1000) == 104
   assert tiling.row_tile(4) == 4
+  assert tiling.row_tiled_class_tile(8192, 256, 32768, 824, None) == (
+      4832, True)
+  assert tiling.row_tiled_class_tile(8192, 256, 32768, 824, 128) == (
+      128, False)  # as asked
 
 
 def test_tiles_overlap_at_the_end_without_padding():
@@ -118,9 +125,11 @@ def test_peak_bytes_by_hand():
   assert tiling.peak_bytes("tokens", 100, 8, 50, 10, reduced=True,
                            compacted=True) == (
       16 * 10 * 50 + 4 * 8 * 50 + 4 * 100 * 8 + 16 * 100 + 8 * 100 * 8)
-  # Classes: 8·r·c + 4·N·D + 4·D·V (+ 4·r·D for hᵀ, D ≤ c) + 16·N.
+  # Classes: 8·r·c + 4·N·D + 4·D·V (+ 4·r·D for hᵀ, D ≤ c) + 16·N, and
+  # in row tiles (r < N) 12·D·c for each class tile's dW share.
   assert tiling.peak_bytes("classes", 100, 8, 50, 10, rows=20) == (
-      8 * 20 * 10 + 4 * 100 * 8 + 4 * 8 * 50 + 4 * 20 * 8 + 16 * 100)
+      8 * 20 * 10 + 4 * 100 * 8 + 4 * 8 * 50 + 4 * 20 * 8 + 16 * 100
+      + 12 * 8 * 10)
   assert tiling.peak_bytes("classes", 100, 16, 50, 10) == (
       8 * 100 * 10 + 4 * 100 * 16 + 4 * 16 * 50 + 16 * 100)
   assert tiling.peak_bytes("distillation", 100, 8, 50, 10, tiles=5) == (
