@@ -281,10 +281,10 @@ def linear_cross_entropy(
   that is not differentiated does no gradient work). Every autodiff mode
   works (``jvp``, ``hessian``, HVPs), as for the unfused loss.
 
-  Ignored tokens (``ignore_index``, ``where``) cost in proportion to the
-  kept ones: from 1024 tokens on they are gathered behind the kept tokens
-  and the tiles that hold none are skipped at run time (a ``lax.cond`` per
-  tile; over classes, the tokens go in 16 row tiles).
+  Ignored tokens (``ignore_index``, ``where``) take no tile work: from
+  1024 tokens on they are gathered behind the kept tokens and the tiles
+  that hold none are skipped at run time (a ``lax.cond`` per tile; over
+  classes, the tokens go in :data:`jsoft._tiling.ROW_TILES` row tiles).
 
   Peak memory beyond inputs and outputs, for ``N`` tokens, ``D``
   features, ``V`` classes and tiles of ``c``, is bounded by

@@ -49,8 +49,10 @@ def ce_int_target(labels, num_classes, *, ignore_index=None,
           else y != ignore_index)
   safe = np.where(kept, y, 0)
   eps = label_smoothing
-  t = (1 - eps) * w[safe][..., None] * np.eye(num_classes)[safe] + (
-      eps * w / num_classes)
+  # The one-hot by comparison with the class indices: no [C, C] identity
+  # (100k classes would need 75 GiB).
+  onehot = np.arange(num_classes) == safe[..., None]
+  t = (1 - eps) * w[safe][..., None] * onehot + eps * w / num_classes
   return t * kept[..., None]
 
 
