@@ -205,7 +205,7 @@ def _class_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
       dh, dw_t, db_t = carry
       rows = lambda x: tiling.rows(x, row, tokens.size)  # noqa: E731
 
-      def products(_):
+      def products():
         h_i = rows(h)
         block, _ = _class_block(loop, classes, h_i, w, b, res.dense, j,
                                 start, masked=False)
@@ -214,19 +214,13 @@ def _class_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
             _own_rows(rows(res.keep), own), jax.tree.map(rows, ct_sums))
         ht_i = (ht if tokens.count == 1 else
                 lax.dynamic_slice_in_dim(ht, row, tokens.size, axis=1))
-        return _collectives.varying_tree(tiling.fold(g, ht_i, w_t, acc),
-                                         *refs)
+        return tiling.fold(g, ht_i, w_t, acc)
 
       if res.kept is None:
-        dh_i, dw_i, db_i = products(None)
+        dh_i, dw_i, db_i = products()
       else:
-        shapes = jax.eval_shape(products, None)
-        zeros = lambda _: _collectives.varying_tree(  # noqa: E731
-            jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
-            *refs)
-        dh_i, dw_i, db_i = lax.cond(
-            i * tokens.size < res.kept.astype(i.dtype), products, zeros,
-            None)
+        live = i * tokens.size < res.kept.astype(i.dtype)
+        dh_i, dw_i, db_i = tiling.when(live, products, refs)
       if tokens.count == 1:
         dh = dh + dh_i
       else:

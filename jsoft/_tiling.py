@@ -237,26 +237,40 @@ def scan_tokens(tiles: Tiles, body: Callable, init: Any, *,
   if kept is None and tiles.count == 1:  # one tile: no loop
     return step(init, jnp.int32(0))
   if kept is not None:
-    compute = step
-
-    def typed(carry, j):
-      carry, out = compute(carry, j)
-      return carry, _collectives.varying_tree(out, *refs)
-
-    shapes = jax.eval_shape(typed, init, jnp.int32(0))[1]
-
-    def skip(carry, j):
-      del j
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return carry, _collectives.varying_tree(zeros, *refs)
+    run = step
 
     def step(carry, j):  # noqa: F811
-      return lax.cond(j * tiles.size < kept.astype(j.dtype), typed, skip,
-                      carry, j)
+      live = j * tiles.size < kept.astype(j.dtype)
+      return when(live, lambda: run(carry, j), refs, keep=carry)
 
   carry, stacked = lax.scan(jax.checkpoint(step) if remat else step, init,
                             jnp.arange(tiles.count, dtype=jnp.int32))
   return carry, jax.tree.map(tiles.untile, stacked)
+
+
+def when(live: jax.Array, fn: Callable[[], Any], refs: tuple[Any, ...],
+         keep: Any = None) -> Any:
+  """``fn()`` where ``live``, else zeros shaped like its output, in a
+  ``lax.cond``; the output typed to vary like ``refs`` inside
+  ``shard_map`` (both branches must agree). With ``keep``, ``fn`` returns
+  ``(carry, out)`` and a skipped call gives ``(keep, zeros)``: the carry
+  passes through as it was."""
+  def run(_):
+    if keep is None:
+      return _collectives.varying_tree(fn(), *refs)
+    carry, out = fn()
+    return carry, _collectives.varying_tree(out, *refs)
+
+  shapes = jax.eval_shape(run, None)
+  if keep is not None:
+    shapes = shapes[1]
+
+  def skip(_):
+    zeros = _collectives.varying_tree(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), *refs)
+    return zeros if keep is None else (keep, zeros)
+
+  return lax.cond(live, run, skip, None)
 
 
 def scan_classes(tiles: Tiles, body: Callable, init: Any, *,
