@@ -180,65 +180,64 @@ def _token_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
 
 
 def _class_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
-  """Tiles of classes, each over tiles of tokens (one, unless ignored
-  tokens are gathered out): ``dh`` accumulated; each class tile's ``dW``
-  and ``db`` columns written once. A token tile past the kept ones skips
-  its products (a cond that holds no carry: XLA:CPU copies a carry that
-  goes through one)."""
+  """Tiles of tokens (one, unless ignored tokens are gathered out; those
+  past the kept ones skipped, as in the forward pass), each over tiles of
+  classes: each token tile's ``dh`` rows accumulated over its class tiles;
+  ``dW`` and ``db`` columns written by the first token tile, added to by
+  the others."""
   h, w, b = res.hidden, res.weight, res.bias
   acc = _checks.compute_dtype(h.dtype)
   classes = tiling.Tiles(loop.vocab, loop.classes)
   tokens = tiling.Tiles(h.shape[0], loop.tokens)
   ht = tiling.transposed(h) if loop.keep_ht else h.T
 
-  def class_tile(carry, j, start):
-    dh, dw, db = carry
-    # Every column of the tile, the previous tile's too where the last one
-    # overlaps it: only dh must not see them twice, so their W columns are
-    # zeroed for it (a [D, c] select, not an [r, c] one); their dW and db
-    # columns, the same values, are written again.
-    w_t = lax.dynamic_slice_in_dim(w, start, classes.size, axis=1)
-    if classes.overlaps:
-      w_t = jnp.where(classes.own(j, start, (1, classes.size), 1), w_t, 0)
+  def token_tile(carry, i, row, own):
+    rows = lambda x: tiling.rows(x, row, tokens.size)  # noqa: E731
+    h_i, shift, label = rows(h), rows(res.shift), rows(res.label)
+    keep = _own_rows(rows(res.keep), own)
+    ct_i = jax.tree.map(rows, ct_sums)
+    ht_i = (ht if tokens.count == 1 else
+            lax.dynamic_slice_in_dim(ht, row, tokens.size, axis=1))
 
-    def token_tile(carry, i, row, own):
-      dh, dw_t, db_t = carry
-      rows = lambda x: tiling.rows(x, row, tokens.size)  # noqa: E731
+    def add(total, part, start, axis):
+      """``part`` into the columns of ``total`` from ``start`` on."""
+      if tokens.count > 1:  # the token tiles before wrote them
+        part = part + lax.dynamic_slice_in_dim(total, start, part.shape[axis],
+                                               axis=axis)
+      return lax.dynamic_update_slice_in_dim(total, part, start, axis=axis)
 
-      def products():
-        h_i = rows(h)
-        block, _ = _class_block(loop, classes, h_i, w, b, res.dense, j,
+    def class_tile(carry, j, start):
+      dh, dw, db = carry
+      block, w_t = _class_block(loop, classes, h_i, w, b, res.dense, j,
                                 start, masked=False)
-        g, _ = _loss_rule.block_grad(
-            loop.lmap, block, rows(res.shift), rows(res.label),
-            _own_rows(rows(res.keep), own), jax.tree.map(rows, ct_sums))
-        ht_i = (ht if tokens.count == 1 else
-                lax.dynamic_slice_in_dim(ht, row, tokens.size, axis=1))
-        return tiling.fold(g, ht_i, w_t, acc)
+      g, _ = _loss_rule.block_grad(loop.lmap, block, shift, label, keep,
+                                   ct_i)
+      # Every column of the tile, the previous tile's too where the last
+      # one overlaps it: dh must not see them twice, so their W columns are
+      # zeroed for it (a [D, c] select, not an [r, c] one); their dW and db
+      # columns, the same values, are written again over one token tile,
+      # zeroed before they are added over several.
+      own_c = None
+      if classes.overlaps:
+        own_c = classes.own(j, start, (1, classes.size), 1)
+        w_t = jnp.where(own_c, w_t, 0)
+      dh_j, dw_j, db_j = tiling.fold(g, ht_i, w_t, acc)
+      if own_c is not None and tokens.count > 1:
+        dw_j, db_j = jnp.where(own_c, dw_j, 0), jnp.where(own_c[0], db_j, 0)
+      dw = add(dw, dw_j, start, 1)
+      db = None if db is None else add(db, db_j, start, 0)
+      return dh + dh_j, dw, db
 
-      if res.kept is None:
-        dh_i, dw_i, db_i = products()
-      else:
-        live = i * tokens.size < res.kept.astype(i.dtype)
-        dh_i, dw_i, db_i = tiling.when(live, products, refs)
-      if tokens.count == 1:
-        dh = dh + dh_i
-      else:
-        dh = lax.dynamic_update_slice_in_dim(dh, rows(dh) + dh_i, row, axis=0)
-      return (dh, dw_t + dw_i, db_t + db_i), None
+    dh = tiling.zeros((tokens.size, h.shape[1]), acc, *refs)
+    dh, dw, db = tiling.scan_classes(classes, class_tile, (dh, *carry),
+                                     remat=True)
+    return (dw, db), dh
 
-    inner = (dh, tiling.zeros((h.shape[1], classes.size), acc, *refs),
-             tiling.zeros((classes.size,), acc, *refs))
-    (dh, dw_t, db_t), _ = tiling.scan_tokens(tokens, token_tile, inner,
-                                             remat=True, refs=refs)
-    dw = lax.dynamic_update_slice_in_dim(dw, dw_t, start, axis=1)
-    if db is not None:
-      db = lax.dynamic_update_slice_in_dim(db, db_t, start, axis=0)
-    return dh, dw, db
-
-  init = (tiling.zeros(h.shape, acc, *refs), tiling.zeros(w.shape, acc, *refs),
+  init = (tiling.zeros(w.shape, acc, *refs),
           None if b is None else tiling.zeros(b.shape, acc, *refs))
-  return tiling.scan_classes(classes, class_tile, init, remat=True)
+  (dw, db), dh = tiling.scan_tokens(tokens, token_tile, init, kept=res.kept,
+                                    remat=True, refs=refs)
+  return dh, dw, db
 
 
 def _head_bwd(loop: Loop, res: HeadResiduals, ct):

@@ -42,16 +42,36 @@ def test_default_class_tiles():
   assert tile(8192, 256, 32768, 256) == (256, True)
 
 
+def test_balanced_tiles_cover_the_axis_in_as_few_tiles_with_least_overlap():
+  assert tiling.balanced(8192, 1984) == 1640  # 5 tiles: 8200 columns
+  assert tiling.balanced(32768, 464) == 464  # 71 tiles either way
+  assert tiling.balanced(10, 4) == 4  # 3 tiles; 4 is not a multiple of 8
+  assert tiling.balanced(1000, 7) == 7
+  assert tiling.balanced(5, 8) == 5  # at most the axis
+  assert tiling.balanced(100, 64) == 56  # 2 tiles of 50 → 56, not 64
+  for length, most in [(8192, 1984), (1000, 96), (33, 16), (7, 3)]:
+    size = tiling.balanced(length, most)
+    assert size <= most
+    assert -(-length // size) == -(-length // most)
+
+
 def test_row_tiles_of_a_compacted_class_loop():
   # 1/10 of the tokens, rounded up to a multiple of 8; and the class tile
   # for such rows: the step (4·r·c + 8·r·D + 12·D·c) within 31/32 of twice
   # the 16 MiB budget: (31 MiB − 8·824·256 B) / (4·824 + 12·256 B) = 4839.6,
-  # so 4832 classes at N=8192, D=256, V=32768.
+  # so at most 4832 classes at N=8192, D=256, V=32768: seven tiles, balanced
+  # to 32768 / 7 = 4681.1 → 4688.
   assert tiling.row_tile(8192) == 824  # 819.2 → 820 → 824
   assert tiling.row_tile(1000) == 104
   assert tiling.row_tile(4) == 4
   assert tiling.row_tiled_class_tile(8192, 256, 32768, 824, None) == (
-      4832, True)
+      4688, True)
+  # N=32768, D=128: (31 MiB − 8·3280·128 B) / (4·3280 + 12·128 B) = 1988.7,
+  # at most 1984: five tiles, 8192 / 5 = 1638.4 → 1640 (not a last tile
+  # that recomputes 87% of the one before).
+  assert tiling.row_tile(32768) == 3280
+  assert tiling.row_tiled_class_tile(32768, 128, 8192, 3280, None) == (
+      1640, True)
   assert tiling.row_tiled_class_tile(8192, 256, 32768, 824, 128) == (
       128, False)  # as asked
 
