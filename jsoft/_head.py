@@ -19,7 +19,9 @@ of this device's classes (``[c, V]``; the accumulator is ``dW``,
 (``[r, c]``; the sums of each class tile are moved to the running max,
 :func:`~jsoft._loss_rule.rebase`, an online logsumexp; the accumulator is
 ``dh``, ``[N, D]``), with one tile of all ``N`` tokens unless ignored
-tokens are gathered out.
+tokens are gathered out. Both passes loop the same way: token tiles
+outside (those past the kept tokens skipped:
+:func:`jsoft._tiling.scan_tokens`), class tiles inside.
 """
 
 from __future__ import annotations

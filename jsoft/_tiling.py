@@ -53,10 +53,10 @@ BUDGETS = {  # loop: (share, cap in bytes)
 # (below, the gather costs more than the tiles it saves).
 COMPACT_MIN_TOKENS = 1024
 # Row tiles of a class loop whose ignored tokens are gathered out: the kept
-# count is rounded up to 1/ROW_TILES of the tokens. Finer tiles cost time
-# when every token is kept (the class tiles' dW shares are added once per
-# row tile): sixteen took 1.17× the single tile's step at N=8192, D=256,
-# V=32768 on a 2-core CPU, ten about 1.05×.
+# count is rounded up to 1/ROW_TILES of the tokens (the forward and backward
+# passes skip the row tiles past it). Each row tile adds its share to every
+# dW column once, so finer tiles cost a little time when every token is
+# kept.
 ROW_TILES = 10
 
 
