@@ -39,3 +39,15 @@ def test_page_examples_run(page):
     pytest.skip(f"the other blocks ran; {len(left_out)} calling jax.shard_map "
                 f"need jax >= 0.6.1, this is jax {jax.__version__}")
 
+
+def test_readme_headline_table_is_the_results_file():
+  # The README's headline figures are generated from bench/results/
+  # (python docs/ext/headline.py), never typed: they must match the file.
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "headline", DOCS / "ext" / "headline.py")
+  headline = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(headline)
+  readme = headline.in_readme(headline.README.read_text())
+  assert readme == headline.generated()
+  assert "| `ce_int_4096x32000_float32_vg` |" in readme
