@@ -37,6 +37,9 @@ myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
 autodoc_typehints = "description"
+# Keep jax.typing.ArrayLike as one name, not its expansion into a union.
+autodoc_type_aliases = {"jax.typing.ArrayLike": "jax.typing.ArrayLike",
+                        "ArrayLike": "jax.typing.ArrayLike"}
 autodoc_member_order = "bysource"
 autosummary_generate = False
 napoleon_google_docstring = True
@@ -49,6 +52,7 @@ html_theme_options = {
     "navigation_with_keys": False,
 }
 html_static_path = ["_static"]
+html_css_files = ["jsoft.css"]
 
 # Results files that no page renders, and why. Every other file in
 # bench/results/ must appear in a ```{bench-results}``` directive.
@@ -62,6 +66,7 @@ bench_results_unrendered = {
 # private modules, which the docstrings name for the curious reader.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|numpy|optax|torch|chex)(\..*)?"),
+    (r"py:.*", r"'?(jax|jaxlib|numpy|optax|torch|chex)(\..*)?'?"),
+    (r"py:class", r"TypeAliasForwardRef"),  # a type alias autodoc kept
     (r"py:.*", r"jsoft\._.*"),
 ]

@@ -33,7 +33,8 @@ RESULTS = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results"
 
 # Per-measurement fields that are plumbing, not results.
 HIDDEN = {"compile_ms", "output_bytes", "samples", "calls_per_sample",
-          "p25_ms", "p75_ms", "load_average", "seconds"}
+          "p25_ms", "p75_ms", "load_average", "load_average_at_end",
+          "seconds"}
 SKIPPED_KEYS = {"machine", "config", "load_average_at_end"}
 HEADERS = {"median_ms": "ms (median)", "ratio_to_jsoft": "÷ reference",
            "ratio_to_floor": "÷ floor", "temp_bytes": "XLA temp MiB",
@@ -50,8 +51,9 @@ def fmt(key: str, v: Any) -> str:
     return "—"
   if isinstance(v, bool):
     return "yes" if v else "no"
-  if key.endswith("_bytes") or key.endswith("bytes"):
-    return f"{v / 2**20:.3g}"
+  if key.endswith("bytes"):
+    mib = v / 2**20
+    return f"{mib:.3g}" if mib < 100 else f"{mib:.0f}"
   if isinstance(v, float):
     return f"{v:.3g}" if abs(v) < 1 else f"{v:.4g}"
   return str(v)
