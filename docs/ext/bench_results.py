@@ -51,12 +51,17 @@ def fmt(key: str, v: Any) -> str:
     return "—"
   if isinstance(v, bool):
     return "yes" if v else "no"
-  if key.endswith("bytes"):
+  if "bytes" in key:
     mib = v / 2**20
     return f"{mib:.3g}" if mib < 100 else f"{mib:.0f}"
   if isinstance(v, float):
     return f"{v:.3g}" if abs(v) < 1 else f"{v:.4g}"
   return str(v)
+
+
+def label(key: str) -> str:
+  """A column's name: the JSON key, bytes said to be MiB."""
+  return HEADERS.get(key, f"{key} (MiB)" if "bytes" in key else key)
 
 
 def machine_line(data: dict[str, Any], name: str) -> str:
@@ -118,11 +123,11 @@ def records_table(records: list[tuple[str, dict[str, Any]]],
     for k in flat(rec):
       if k not in cols:
         cols.append(k)
-  header = [first] + [HEADERS.get(c, c) for c in cols]
+  header = [first] + [label(c) for c in cols]
   rows = []
-  for label, rec in records:
+  for name, rec in records:
     f = flat(rec)
-    rows.append([label] + [fmt(c, f.get(c)) for c in cols])
+    rows.append([name] + [fmt(c, f.get(c)) for c in cols])
   return table(header, rows)
 
 
@@ -171,12 +176,13 @@ def render(data: Any, title: str | None = None) -> list[nodes.Node]:
     return out
   scalars = {k: v for k, v in data.items()
              if _scalar(v) and k not in HIDDEN}
-  scalars.update({k: ", ".join(map(str, v)) for k, v in data.items()
+  scalars.update({k: ", ".join(fmt(k, x) for x in v)
+                  for k, v in data.items()
                   if isinstance(v, list) and 0 < len(v) <= 12
                   and all(_scalar(x) for x in v)})
   if scalars:
     out.append(nodes.paragraph(text="; ".join(
-        f"{k}: {fmt(k, v) if not isinstance(v, str) else v}"
+        f"{label(k)}: {fmt(k, v) if not isinstance(v, str) else v}"
         for k, v in scalars.items())))
   for k, v in data.items():
     if k in SKIPPED_KEYS:
