@@ -18,7 +18,8 @@ import jsoft  # noqa: E402
 
 project = "jsoft"
 release = version = jsoft.__version__
-copyright = "the jsoft authors"  # noqa: A001
+author = "the jsoft authors"
+copyright = author  # noqa: A001
 
 extensions = [
     "myst_parser",

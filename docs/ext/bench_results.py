@@ -10,7 +10,12 @@ results in it. The layout is read from the JSON, not written per file:
 * ``targets``: goal, measured, met;
 * any other mapping of mappings, or list of mappings: one row each, a column
   per number it holds (``temp_bytes`` shown in MiB);
+* a mapping of equal-length lists: the lists side by side (``over_n``
+  beside the sibling list ``n``);
 * numbers beside them (shapes, rounds): a line above the table.
+
+``:bytes: KEY, ...`` names keys whose numbers are byte counts though their
+names do not say so; byte counts are shown in MiB.
 
 Lists of numbers (loss curves) are left to the charts. Every results file
 must be rendered on some page, or be named in ``bench_results_unrendered``
@@ -24,7 +29,7 @@ import pathlib
 from typing import Any
 
 from docutils import nodes
-from docutils.parsers.rst import Directive
+from docutils.parsers.rst import Directive, directives
 from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
@@ -162,8 +167,35 @@ def cases_tables(cases: list[dict[str, Any]]) -> list[nodes.Node]:
   ]
 
 
-def render(data: Any, title: str | None = None) -> list[nodes.Node]:
-  """The tables of one JSON value (see the module docstring)."""
+def is_record(d: Any) -> bool:
+  """A mapping that fits one table row: scalars, lists of numbers (curves,
+  left to the charts) and mappings of the same."""
+  return isinstance(d, dict) and all(
+      _scalar(v) or is_record(v)
+      or (isinstance(v, list) and all(_scalar(x) for x in v))
+      for v in d.values())
+
+
+def columns(data: dict[str, Any], key: str, v: dict[str, list[Any]],
+            in_bytes: bool) -> nodes.table:
+  """Equal-length lists side by side; the first column is the sibling list
+  that ``over_X`` names (``X``), if there is one of that length."""
+  n = len(next(iter(v.values())))
+  axis_key = key.removeprefix("over_")
+  axis = data.get(axis_key)
+  if not (isinstance(axis, list) and len(axis) == n):
+    axis_key, axis = "#", list(range(1, n + 1))
+  unit = "bytes" if in_bytes else key
+  header = [axis_key] + [f"{c} (MiB)" if in_bytes else label(c) for c in v]
+  rows = [[str(axis[i])] + [fmt(unit, col[i]) for col in v.values()]
+          for i in range(n)]
+  return table(header, rows)
+
+
+def render(data: Any, title: str | None = None,
+           byte_keys: frozenset[str] = frozenset()) -> list[nodes.Node]:
+  """The tables of one JSON value (see the module docstring). Keys in
+  ``byte_keys`` hold byte counts though their names do not say so."""
   out: list[nodes.Node] = []
   if title:
     out.append(nodes.rubric(text=title))
@@ -178,8 +210,8 @@ def render(data: Any, title: str | None = None) -> list[nodes.Node]:
              if _scalar(v) and k not in HIDDEN}
   scalars.update({k: ", ".join(fmt(k, x) for x in v)
                   for k, v in data.items()
-                  if isinstance(v, list) and 0 < len(v) <= 12
-                  and all(_scalar(x) for x in v)})
+                  if k not in HIDDEN and isinstance(v, list)
+                  and 0 < len(v) <= 12 and all(_scalar(x) for x in v)})
   if scalars:
     out.append(nodes.paragraph(text="; ".join(
         f"{label(k)}: {fmt(k, v) if not isinstance(v, str) else v}"
@@ -194,18 +226,19 @@ def render(data: Any, title: str | None = None) -> list[nodes.Node]:
       out.append(table(["target", "goal", "measured", "met"], [
           [t["target"], t["goal"], fmt("m", t["measured"]),
            "met" if t["met"] else "missed"] for t in v]))
-    elif isinstance(v, dict) and v and all(isinstance(x, dict)
-                                           for x in v.values()):
-      if all(any(_scalar(y) for y in x.values()) for x in v.values()):
-        out.append(nodes.rubric(text=k))
-        out.append(records_table(list(v.items()), ""))
-      else:
-        for sub, x in v.items():
-          out.extend(render(x, f"{k}: {sub}"))
+    elif (isinstance(v, dict) and v
+          and all(isinstance(x, list) and x and all(_scalar(y) for y in x)
+                  for x in v.values())
+          and len({len(x) for x in v.values()}) == 1):
+      out.append(nodes.rubric(text=k))
+      out.append(columns(data, k, v, k in byte_keys))
+    elif isinstance(v, dict) and v and all(is_record(x) for x in v.values()):
+      out.append(nodes.rubric(text=k))
+      out.append(records_table(list(v.items()), ""))
     elif isinstance(v, dict):
-      out.extend(render(v, k))
+      out.extend(render(v, k, byte_keys))
     elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-      out.extend(render(v, k))
+      out.extend(render(v, k, byte_keys))
   return out
 
 
@@ -213,6 +246,7 @@ class BenchResults(Directive):
   """``{bench-results} NAME.json``: the tables of ``bench/results/NAME``."""
 
   required_arguments = 1
+  option_spec = {"bytes": directives.unchanged}
 
   def run(self) -> list[nodes.Node]:
     name = self.arguments[0]
@@ -229,7 +263,9 @@ class BenchResults(Directive):
     env.jsoft_bench_rendered.setdefault(env.docname, set()).add(name)
     box = nodes.container(classes=["bench-results"])
     box += nodes.paragraph(text=machine_line(data, f"bench/results/{name}"))
-    box.extend(render(data))
+    byte_keys = frozenset(k.strip() for k in
+                          self.options.get("bytes", "").split(",") if k)
+    box.extend(render(data, byte_keys=byte_keys))
     return [box]
 
 
