@@ -42,9 +42,10 @@ passed as an input), the mean loss for the losses, both with respect to
 
 Peers: ``jsoft``; ``jax.nn`` (the activations, and the losses composed from
 ``jax.nn.log_softmax``/``log_sigmoid``); ``optax`` (the losses);
-``naive-jnp`` and ``naive-numpy``, the seed post's formulas (see the README)
-(``exp(x)/Σexp(x)``, ``1/(1+exp(-x))``, ``-log softmax``) which overflow, the
-NumPy one with the hand-derived gradients (``y - t``); ``torch`` on the CPU.
+``naive-jnp`` and ``naive-numpy``, the seed post's formulas (see
+docs/design/y_minus_t.md: ``exp(x)/Σexp(x)``, ``1/(1+exp(-x))``,
+``-log softmax``) which overflow, the NumPy one with the hand-derived
+gradients (``y - t``); ``torch`` on the CPU.
 """
 
 from __future__ import annotations

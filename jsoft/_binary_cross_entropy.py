@@ -150,7 +150,7 @@ def sigmoid_binary_cross_entropy(
       entries; 0 when there are none).
 
   Returns:
-    The element-wise loss, of the broadcast shape, or a scalar: float32 for
+    The element-wise loss, of the broadcast shape, or a scalar; float32 for
     16-bit logits, else the logits' dtype.
 
   Examples:

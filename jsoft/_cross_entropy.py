@@ -187,7 +187,7 @@ def softmax_cross_entropy_with_integer_labels(
       examples this call sees (reduce over data-parallel axes yourself).
 
   Returns:
-    The per-example loss, of the labels' shape, or a scalar: float32 for
+    The per-example loss, of the labels' shape, or a scalar; float32 for
     16-bit logits, else the logits' dtype; with ``return_stats``, the pair
     ``(loss, stats)``.
 
@@ -287,7 +287,7 @@ def softmax_cross_entropy(
       a max and sums per example; each device's gradients are its slice's.
 
   Returns:
-    The per-example loss (the logits' shape without ``axis``) or a scalar:
+    The per-example loss (the logits' shape without ``axis``) or a scalar;
     float32 for 16-bit logits, else the logits' dtype.
 
   Examples:

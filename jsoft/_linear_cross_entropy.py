@@ -311,11 +311,12 @@ def linear_cross_entropy(
     tile_by: ``"tokens"`` or ``"classes"``: what each tile takes a slice of;
       None (the default): tokens when ``N ≥ V`` (this device's ``V`` with
       ``axis_name``), else classes.
-    ignore_index, label_smoothing, z_loss, logit_soft_cap, class_weights,
-      reduction, temperature, sample_weights, return_stats: as in
-      :func:`jsoft.softmax_cross_entropy_with_integer_labels` (the
-      statistics come from the same tile loop: an entropy sum and a running
-      argmax per token, never the ``[N, V]`` logits).
+    ignore_index, label_smoothing, z_loss, logit_soft_cap: as in
+      :func:`jsoft.softmax_cross_entropy_with_integer_labels`.
+    class_weights, reduction, temperature, sample_weights: as there.
+    return_stats: as there (the statistics come from the same tile loop: an
+      entropy sum and a running argmax per token, never the ``[N, V]``
+      logits).
     where: optional boolean mask of the labels' shape: ``False`` tokens are
       ignored (loss 0, zero gradient, no share in "mean"), as with
       ``ignore_index``.

@@ -1,4 +1,4 @@
-"""XLA's temp memory for every kernel the README calls lean.
+"""XLA's temp memory for every kernel the docs call lean.
 
 These pin the spellings in ``jsoft/_spellings.py``: XLA keeps each pass over
 the logits a fused loop only as long as no [N, C] value is shared between
@@ -127,7 +127,7 @@ def test_probability_labels_hold_no_nc_temp(shape, option):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_label_smoothing_of_probability_targets_forward(shape):
   # The forward is lean; differentiated, the smoothed target is stored
-  # once (README: what each option costs).
+  # once (docs/design/xla_and_memory.md: the pins).
   n, c = SHAPES[shape]
   x, _, t = _inputs(n, c)
 

@@ -24,8 +24,8 @@ def _x(values, dtype=F32):
 
 
 class TestSeedPost:
-  """The table of the seed post jsoft started from (README, "Where jsoft
-  began")."""
+  """The table of the seed post jsoft started from (docs/design/y_minus_t.md,
+  "Where it comes from")."""
 
   def test_softmax_of_2_3_5_6(self):
     np.testing.assert_allclose(
