@@ -301,7 +301,7 @@ def class_bias(tiles: Tiles, j, start, dtype) -> jax.Array | None:
   """The mask of class tile ``j`` as a bias ``[1, size]`` (None where tiles
   do not overlap): 0 on its own columns, half the largest float on the
   previous tile's. An add fuses into XLA:CPU's reductions, where a select
-  makes a masked copy of the tile (1.3× the time, twice the temp); finite,
+  makes a masked copy of the tile (more time, twice the temp); finite,
   not -inf, so ``e^(x̃ - big)`` is 0 all the same and every derivative of a
   masked entry is 0, not ``0·inf``."""
   if not tiles.overlaps:
