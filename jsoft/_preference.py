@@ -152,6 +152,8 @@ def operands(fn, opts, chosen, rejected, ref_chosen, ref_rejected,
   shape, dtype = chosen.shape, _checks.compute_dtype(chosen.dtype)
   chosen = chosen.astype(dtype)
   rejected = _per_pair(fn, rejected, shape, dtype, "rejected_logps")
+  mask = _checks.mask(where, shape, fn)
+  mask = jnp.ones(shape, dtype) if mask is None else mask.astype(dtype)
   if (ref_chosen is None) != (ref_rejected is None):
     raise ValueError(f"jsoft.{fn}: pass both ref_chosen_logps and "
                      "ref_rejected_logps, or neither (reference-free).")
@@ -165,7 +167,8 @@ def operands(fn, opts, chosen, rejected, ref_chosen, ref_rejected,
                        "rejected_lengths, or neither (averages given).")
     if lengths[0] is not None:
       chosen, rejected = (
-          x / jnp.maximum(_per_pair(fn, n, shape, dtype, what), 1)
+          x / jnp.where(mask > 0, jnp.maximum(
+              _per_pair(fn, n, shape, dtype, what), 1), 1)
           for x, n, what in zip((chosen, rejected), lengths,
                                 ("chosen_lengths", "rejected_lengths"),
                                 strict=True))
@@ -177,8 +180,6 @@ def operands(fn, opts, chosen, rejected, ref_chosen, ref_rejected,
     refs = tuple(lax.stop_gradient(_per_pair(fn, x, shape, dtype, what))
                  for x, what in ((ref_chosen, "ref_chosen_logps"),
                                  (ref_rejected, "ref_rejected_logps")))
-  mask = _checks.mask(where, shape, fn)
-  mask = jnp.ones(shape, dtype) if mask is None else mask.astype(dtype)
   # Masked pairs see −1 (a finite log-probability for every loss type):
   # whatever they hold never reaches a gradient.
   chosen, rejected, *refs = (jnp.where(mask > 0, x, -1.0)
