@@ -26,6 +26,10 @@ from jsoft._linear_cross_entropy import (
 from jsoft._linear_distillation import (
     linear_distillation_loss as linear_distillation_loss,
 )
+from jsoft._linear_post import linear_policy_loss as linear_policy_loss
+from jsoft._linear_post import (
+    linear_preference_loss as linear_preference_loss,
+)
 from jsoft._policy import PolicyStats as PolicyStats
 from jsoft._policy import policy_loss as policy_loss
 from jsoft._preference import PreferenceStats as PreferenceStats
@@ -49,6 +53,8 @@ __all__ = [
     "kl_divergence_with_log_targets",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_policy_loss",
+    "linear_preference_loss",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",

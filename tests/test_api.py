@@ -29,7 +29,8 @@ PEERS = {
 # jsoft's own additions: no peer to match.
 NEW = ("checked", "linear_cross_entropy", "TokenStats", "distillation_loss",
        "linear_distillation_loss", "policy_loss", "PolicyStats",
-       "preference_loss", "PreferenceStats")
+       "preference_loss", "PreferenceStats", "linear_policy_loss",
+       "linear_preference_loss")
 STATS = ("TokenStats", "PolicyStats", "PreferenceStats")
 
 
@@ -64,7 +65,8 @@ def test_same_parameters_as_the_peer(name):
 
 @pytest.mark.parametrize("name", sorted([
     *PEERS, "linear_cross_entropy", "distillation_loss",
-    "linear_distillation_loss", "policy_loss", "preference_loss"]))
+    "linear_distillation_loss", "policy_loss", "preference_loss",
+    "linear_policy_loss", "linear_preference_loss"]))
 def test_documented_with_formula_and_derivative(name):
   doc = getattr(jsoft, name).__doc__
   assert ".. math::" in doc
