@@ -3,6 +3,9 @@ gradients (w.r.t. hidden, weight, bias) as policy_loss and preference_loss
 composed on the materialised logits, in both loop orders, and sharded over
 the vocabulary equal to one device in both shard_map modes."""
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +140,17 @@ def test_vocabulary_parallel_equals_one_device(vma):
 
   helpers.assert_same_value_and_vjp(sharded, one, H, W, B, rtol=1e-12,
                                     vjp_rtol=1e-11)
+
+
+def test_the_post_training_guide_runs():
+  # The guide's Python blocks run as written, in order, in one namespace.
+  guide = (pathlib.Path(__file__).resolve().parent.parent / "docs" /
+           "guides" / "post_training.md")
+  blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
+  assert len(blocks) == 3
+  namespace: dict = {}
+  with jax.numpy_dtype_promotion("standard"):
+    for block in blocks:
+      exec(compile(block, str(guide), "exec"), namespace)  # noqa: S102
+  assert np.isfinite(namespace["loss"])
+  assert all(np.all(np.isfinite(g)) for g in namespace["grads"])
