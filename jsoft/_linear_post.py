@@ -53,9 +53,13 @@ def _stats(head: Head, hidden, weight, tokens, bias, where):
 def _policy_jit(hidden, weight, tokens, old_logprobs, advantages, bias,
                 where, ref_logprobs, obj, head):
   stats = _stats(head, hidden, weight, tokens, bias, where)
+  # Without the bonus the entropy is only reported: no gradient, so the
+  # head's backward pass skips its share (a symbolic-zero tangent).
+  entropy = stats.entropy if obj.entropy_coef else jax.lax.stop_gradient(
+      stats.entropy)
   logp, old, adv, mask, ref, ent = _policy.arrays(
       "linear_policy_loss", stats.logprob, old_logprobs, advantages, where,
-      ref_logprobs, stats.entropy, obj)
+      ref_logprobs, entropy, obj)
   term, token_stats = _policy.token_terms(obj, logp, old, adv, mask, ref, ent)
   return _policy.aggregate(obj, term, token_stats, mask)
 

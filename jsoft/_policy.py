@@ -192,7 +192,8 @@ def token_terms(obj: Objective, logp, old, adv, mask, ref, entropy):
     entropy = jnp.zeros_like(term)
   else:
     entropy = jnp.where(kept, entropy, 0)
-    term = term - obj.entropy_coef * entropy
+    if obj.entropy_coef:
+      term = term - obj.entropy_coef * entropy
   dtype = term.dtype
   stats = PolicyStats(low.astype(dtype), high.astype(dtype),
                       dual.astype(dtype), jnp.exp(delta), old - logp, kl,
@@ -290,20 +291,21 @@ def policy_loss(
       \operatorname{clip}(r, 1-\varepsilon_l, 1+\varepsilon_h)\bigr)
       \,A\,\log\pi,
 
-  ``sg`` the stop-gradient. Sources: PPO's clipped surrogate (Schulman et
-  al., 2017), GRPO (Shao et al., 2024, DeepSeekMath), DAPO's decoupled
-  clip-higher ``ε_h > ε_l`` and token-mean aggregation (Yu et al., 2025),
-  dual-clip PPO's ``c > 1`` (Ye et al., 2020), GSPO's sequence ratio
-  ``s_i = exp(mean_t δ_{i,t})`` (Zheng et al., 2025) with
-  ``importance="sequence"``, CISPO (MiniMax-M1, 2025), Dr. GRPO's
-  constant normaliser (Liu et al., 2025). KL estimators (Schulman, 2020,
-  "Approximating KL divergence"), from ``ρ = log π_ref − log π``:
-  ``k1 = −ρ``, ``k2 = ρ²/2``, ``k3 = e^ρ − 1 − ρ``. Aggregation weights
-  ``w`` (``m`` the mask, ``n_i`` a sequence's kept tokens): ``"token_mean"``
-  ``m/Σm`` (DAPO; verl's "token-mean", TRL's "bnpo"); ``"sequence_mean"``
-  ``m/(n_i·S')`` over the ``S'`` sequences with a kept token (GRPO; verl's
-  "seq-mean-token-mean"); ``"constant"`` ``m/(S·max_tokens)`` (Dr. GRPO;
-  TRL's "dr_grpo", verl's "seq-mean-token-sum-norm").
+  ``sg`` the stop-gradient (CISPO's value is the paper's objective, whose
+  gradient, not its value, is the policy gradient). Sources: PPO's clipped
+  surrogate (Schulman et al., 2017), GRPO (Shao et al., 2024, DeepSeekMath),
+  DAPO's decoupled clip-higher ``ε_h > ε_l`` and token-mean aggregation (Yu et
+  al., 2025), dual-clip PPO's ``c > 1`` (Ye et al., 2020), GSPO's sequence
+  ratio ``s_i = exp(mean_t δ_{i,t})`` (Zheng et al., 2025) with
+  ``importance="sequence"``, CISPO (MiniMax-M1, 2025), Dr. GRPO's constant
+  normaliser (Liu et al., 2025). KL estimators (Schulman, 2020, "Approximating
+  KL divergence"), from ``ρ = log π_ref − log π``: ``k1 = −ρ``, ``k2 = ρ²/2``,
+  ``k3 = e^ρ − 1 − ρ``. Aggregation weights ``w`` (``m`` the mask, ``n_i`` a
+  sequence's kept tokens): ``"token_mean"`` ``m/Σm`` (DAPO; verl's
+  "token-mean", TRL's "bnpo"); ``"sequence_mean"`` ``m/(n_i·S')`` over the
+  ``S'`` sequences with a kept token (GRPO; verl's "seq-mean-token-mean");
+  ``"constant"`` ``m/(S·max_tokens)`` (Dr. GRPO; TRL's "dr_grpo", verl's
+  "seq-mean-token-sum-norm").
 
   Conventions where TRL and verl differ: the KL term is added per token
   before aggregation (TRL; verl aggregates it apart with the same weights,
