@@ -154,3 +154,40 @@ def test_the_post_training_guide_runs():
       exec(compile(block, str(guide), "exec"), namespace)  # noqa: S102
   assert np.isfinite(namespace["loss"])
   assert all(np.all(np.isfinite(g)) for g in namespace["grads"])
+
+
+@helpers.needs_jax((0, 10, 2), "the memory figures are this release's XLA")
+def test_fused_heads_hold_under_a_sixteenth_of_the_logits_temp():
+  # value_and_grad w.r.t. hidden and weight, float32, 8 × 1024 tokens with
+  # a 128-token prompt masked out: XLA's temporaries against the same loss
+  # on the materialised logits (compiled only, never run).
+  s, t, d, v = 8, 1024, 64, 8192
+  f32 = jnp.float32
+  h, w = jnp.zeros((s, t, d), f32), jnp.zeros((d, v), f32)
+  y, old = jnp.zeros((s, t), jnp.int32), jnp.zeros((s, t), f32)
+  adv = jnp.ones((s,), f32)
+  mask = jnp.broadcast_to(jnp.arange(t) >= 128, (s, t))
+  pairs = lambda x: x.reshape(2, s // 2, *x.shape[1:])  # noqa: E731
+
+  def temp(f):
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    return step.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+
+  def logprobs(h, w):
+    return token_stats(h, w, 0.0, y)[0]
+
+  def preference(h, w, fused):
+    if fused:
+      return jsoft.linear_preference_loss(pairs(h), w, pairs(y),
+                                          where=pairs(mask))[0]
+    sums = pairs(jnp.sum(jnp.where(mask, logprobs(h, w), 0), -1))
+    return jsoft.preference_loss(sums[0], sums[1])[0]
+
+  fused = temp(lambda h, w: jsoft.linear_policy_loss(
+      h, w, y, old, adv, where=mask)[0])
+  unfused = temp(lambda h, w: jsoft.policy_loss(logprobs(h, w), old, adv,
+                                                where=mask)[0])
+  assert fused <= unfused / 16, (fused, unfused)
+  fused = temp(lambda h, w: preference(h, w, True))
+  unfused = temp(lambda h, w: preference(h, w, False))
+  assert fused <= unfused / 16, (fused, unfused)
