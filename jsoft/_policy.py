@@ -304,13 +304,14 @@ def policy_loss(
   sequence's kept tokens): ``"token_mean"`` ``m/Σm`` (DAPO; verl's
   "token-mean", TRL's "bnpo"); ``"sequence_mean"`` ``m/(n_i·S')`` over the
   ``S'`` sequences with a kept token (GRPO; verl's "seq-mean-token-mean");
-  ``"constant"`` ``m/(S·max_tokens)`` (Dr. GRPO; TRL's "dr_grpo", verl's
-  "seq-mean-token-sum-norm").
+  ``"constant"`` ``m/(S·max_tokens)`` (Dr. GRPO; TRL's "dr_grpo"; verl's
+  "seq-mean-token-sum-norm" divides by ``T`` alone, ``S`` times this).
 
   Conventions where TRL and verl differ: the KL term is added per token
   before aggregation (TRL; verl aggregates it apart with the same weights,
   the same number); an all-masked sequence is left out of
-  ``"sequence_mean"``'s count (verl; TRL counts it as a 0); the log-ratio
+  ``"sequence_mean"``'s count (TRL counts it as a 0; verl's
+  "seq-mean-token-mean" divides 0 by 0 there); the log-ratio
   is clamped to ``±max_log_ratio`` (verl's ±20) wherever it is
   exponentiated; the clip fractions are TRL's (low: ``r < 1−ε_l`` with
   ``A < 0``; high: ``r > 1+ε_h`` with ``A > 0``). GSPO's sequence ratio
