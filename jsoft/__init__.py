@@ -26,6 +26,14 @@ from jsoft._linear_cross_entropy import (
 from jsoft._linear_distillation import (
     linear_distillation_loss as linear_distillation_loss,
 )
+from jsoft._linear_post import linear_policy_loss as linear_policy_loss
+from jsoft._linear_post import (
+    linear_preference_loss as linear_preference_loss,
+)
+from jsoft._policy import PolicyStats as PolicyStats
+from jsoft._policy import policy_loss as policy_loss
+from jsoft._preference import PreferenceStats as PreferenceStats
+from jsoft._preference import preference_loss as preference_loss
 from jsoft._sigmoid import log_sigmoid as log_sigmoid
 from jsoft._sigmoid import sigmoid as sigmoid
 from jsoft._softmax import log_softmax as log_softmax
@@ -36,6 +44,8 @@ from jsoft._stats import TokenStats as TokenStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "PolicyStats",
+    "PreferenceStats",
     "TokenStats",
     "checked",
     "distillation_loss",
@@ -43,9 +53,13 @@ __all__ = [
     "kl_divergence_with_log_targets",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_policy_loss",
+    "linear_preference_loss",
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
+    "policy_loss",
+    "preference_loss",
     "sigmoid",
     "sigmoid_binary_cross_entropy",
     "softmax",

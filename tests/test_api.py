@@ -28,7 +28,10 @@ PEERS = {
 
 # jsoft's own additions: no peer to match.
 NEW = ("checked", "linear_cross_entropy", "TokenStats", "distillation_loss",
-       "linear_distillation_loss")
+       "linear_distillation_loss", "policy_loss", "PolicyStats",
+       "preference_loss", "PreferenceStats", "linear_policy_loss",
+       "linear_preference_loss")
+STATS = ("TokenStats", "PolicyStats", "PreferenceStats")
 
 
 def test_exports():
@@ -62,7 +65,8 @@ def test_same_parameters_as_the_peer(name):
 
 @pytest.mark.parametrize("name", sorted([
     *PEERS, "linear_cross_entropy", "distillation_loss",
-    "linear_distillation_loss"]))
+    "linear_distillation_loss", "policy_loss", "preference_loss",
+    "linear_policy_loss", "linear_preference_loss"]))
 def test_documented_with_formula_and_derivative(name):
   doc = getattr(jsoft, name).__doc__
   assert ".. math::" in doc
@@ -121,7 +125,7 @@ def _documented_args(doc):
           for name in entry.split(":", 1)[0].split(",")}
 
 
-@pytest.mark.parametrize("name", sorted(set(jsoft.__all__) - {"TokenStats"}))
+@pytest.mark.parametrize("name", sorted(set(jsoft.__all__) - set(STATS)))
 def test_every_parameter_documented_under_args_and_a_returns_section(name):
   fn = getattr(jsoft, name)
   doc = inspect.getdoc(fn)
@@ -130,7 +134,8 @@ def test_every_parameter_documented_under_args_and_a_returns_section(name):
   assert _documented_args(doc) == set(inspect.signature(fn).parameters)
 
 
-def test_token_stats_documents_every_field():
-  doc = jsoft.TokenStats.__doc__
-  for field in jsoft.TokenStats._fields:
-    assert f"``{field}``:" in doc, field
+@pytest.mark.parametrize("name", STATS)
+def test_stats_document_every_field(name):
+  stats = getattr(jsoft, name)
+  for field in stats._fields:
+    assert f"``{field}``:" in stats.__doc__, field

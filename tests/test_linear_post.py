@@ -1,0 +1,193 @@
+"""linear_policy_loss and linear_preference_loss: the same values and
+gradients (w.r.t. hidden, weight, bias) as policy_loss and preference_loss
+composed on the materialised logits, in both loop orders, and sharded over
+the vocabulary equal to one device in both shard_map modes."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jsoft
+from tests import helpers
+
+S, T, D, V = 3, 7, 4, 12
+rng = np.random.default_rng(24)
+H = rng.normal(size=(S, T, D))
+W = rng.normal(size=(D, V))
+B = rng.normal(size=V)
+Y = rng.integers(0, V, size=(S, T))
+MASK = np.arange(T) < np.array([7, 4, 0])[:, None]  # ragged, one empty
+MASK[0, :2] = False  # prompt tokens
+OLD = rng.normal(scale=0.3, size=(S, T)) - 2.5
+REF = rng.normal(scale=0.5, size=(S, T)) - 2.5
+ADV = np.array([0.9, -1.2, 0.4])
+# Overlapping last tiles in both loops (21 tokens by 8, 12 classes by 5).
+LOOPS = {"tokens": dict(tile_by="tokens", chunk_size=8),
+         "classes": dict(tile_by="classes", chunk_size=5)}
+
+POLICY = {
+    "ppo_kl_entropy": dict(clip_high=0.28, clip_ratio_c=3.0, kl_coef=0.2,
+                           entropy_coef=0.05),
+    "gspo": dict(importance="sequence", clip_low=0.1, clip_high=0.1,
+                 aggregation="sequence_mean"),
+    "cispo_temperature": dict(loss_type="cispo", clip_low=1.0,
+                              aggregation="constant", temperature=0.7,
+                              kl_coef=0.1, kl_estimator="k2"),
+}
+
+
+def token_stats(h, w, b, y, temperature=1.0):
+  """``log p_y`` and the entropy from the materialised logits."""
+  logp = jax.nn.log_softmax((h @ w + b) / temperature)
+  lp = jnp.take_along_axis(logp, jnp.asarray(y)[..., None], -1)[..., 0]
+  return lp, -jnp.sum(jnp.exp(logp) * logp, -1)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("name", sorted(POLICY))
+def test_policy_equals_the_loss_on_materialised_logits(name, loop):
+  kw = dict(POLICY[name])
+  tau = kw.pop("temperature", 1.0)
+
+  def fused(h, w, b):
+    return jsoft.linear_policy_loss(h, w, Y, OLD, ADV, bias=b, where=MASK,
+                                    ref_logprobs=REF, temperature=tau,
+                                    **LOOPS[loop], **kw)
+
+  def unfused(h, w, b):
+    lp, ent = token_stats(h, w, b, Y, tau)
+    return jsoft.policy_loss(lp, OLD, ADV, where=MASK, ref_logprobs=REF,
+                             entropy=ent, **kw)
+
+  helpers.assert_same_value_and_vjp(fused, unfused, H, W, B)
+
+
+PREFERENCE = {
+    "dpo": dict(loss_type="sigmoid", beta=0.2,
+                ref_chosen_logps=np.array([-9.0, -7.5]),
+                ref_rejected_logps=np.array([-8.0, -6.0])),
+    "ipo": dict(loss_type="ipo", beta=0.5),
+    "simpo": dict(loss_type="simpo", beta=2.0, gamma=0.3),
+    "orpo": dict(loss_type="orpo", orpo_lambda=0.5),
+}
+PAIR_H = rng.normal(size=(2, 2, 5, D))
+PAIR_Y = rng.integers(0, V, size=(2, 2, 5))
+PAIR_MASK = np.ones((2, 2, 5), bool)
+PAIR_MASK[:, :, :2] = False  # the prompt
+PAIR_MASK[1, 0, 4] = False   # a shorter rejected completion
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+@pytest.mark.parametrize("name", sorted(PREFERENCE))
+def test_preference_equals_the_loss_on_materialised_logits(name, loop):
+  kw = PREFERENCE[name]
+
+  def fused(h, w, b):
+    return jsoft.linear_preference_loss(h, w, PAIR_Y, where=PAIR_MASK,
+                                        bias=b, **LOOPS[loop], **kw)
+
+  def unfused(h, w, b):
+    lp, _ = token_stats(h, w, b, PAIR_Y)
+    sums = jnp.sum(jnp.where(PAIR_MASK, lp, 0), -1)
+    more = {}
+    if name in ("simpo", "orpo"):
+      n = PAIR_MASK.sum(-1).astype(float)
+      more = dict(chosen_lengths=n[0], rejected_lengths=n[1])
+    return jsoft.preference_loss(sums[0], sums[1], **kw, **more)
+
+  helpers.assert_same_value_and_vjp(fused, unfused, PAIR_H, W, B)
+
+
+def test_pairs_must_lead_with_an_axis_of_two():
+  with pytest.raises(ValueError, match=r"\[2, \.\.\., T\]"):
+    jsoft.linear_preference_loss(H, W, Y, where=MASK)
+
+
+def test_hidden_nan_at_masked_tokens_stays_out():
+  h = np.where(MASK[..., None], H, np.nan)
+  f = lambda h, w: jsoft.linear_policy_loss(  # noqa: E731
+      h, w, Y, OLD, ADV, where=MASK, entropy_coef=0.1)[0]
+  loss, (gh, gw) = jax.value_and_grad(f, argnums=(0, 1))(h, W)
+  want, (_, gw_clean) = jax.value_and_grad(f, argnums=(0, 1))(H, W)
+  np.testing.assert_allclose(loss, want, rtol=1e-14)
+  np.testing.assert_allclose(gw, gw_clean, rtol=1e-12)
+  assert np.all(gh[~MASK] == 0)
+
+
+@pytest.mark.parametrize("vma", [True, False])
+def test_vocabulary_parallel_equals_one_device(vma):
+  mesh = Mesh(np.array(jax.devices()[:4]), ("tp",))
+  kw = dict(POLICY["ppo_kl_entropy"], where=MASK, ref_logprobs=REF)
+
+  def local(h, w, b):
+    loss, stats = jsoft.linear_policy_loss(h, w, Y, OLD, ADV, bias=b,
+                                           axis_name="tp", **kw)
+    return loss, stats.entropy
+
+  sharded = jax.jit(helpers.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(None, "tp"), P("tp")),
+      out_specs=(P(), P()), check_vma=vma))
+
+  def one(h, w, b):
+    loss, stats = jsoft.linear_policy_loss(h, w, Y, OLD, ADV, bias=b, **kw)
+    return loss, stats.entropy
+
+  helpers.assert_same_value_and_vjp(sharded, one, H, W, B, rtol=1e-12,
+                                    vjp_rtol=1e-11)
+
+
+def test_the_post_training_guide_runs():
+  # The guide's Python blocks run as written, in order, in one namespace.
+  guide = (pathlib.Path(__file__).resolve().parent.parent / "docs" /
+           "guides" / "post_training.md")
+  blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
+  assert len(blocks) == 3
+  namespace: dict = {}
+  with jax.numpy_dtype_promotion("standard"):
+    for block in blocks:
+      exec(compile(block, str(guide), "exec"), namespace)  # noqa: S102
+  assert np.isfinite(namespace["loss"])
+  assert all(np.all(np.isfinite(g)) for g in namespace["grads"])
+
+
+@helpers.needs_jax((0, 10, 2), "the memory figures are this release's XLA")
+def test_fused_heads_hold_under_a_sixteenth_of_the_logits_temp():
+  # value_and_grad w.r.t. hidden and weight, float32, 8 × 1024 tokens with
+  # a 128-token prompt masked out: XLA's temporaries against the same loss
+  # on the materialised logits (compiled only, never run).
+  s, t, d, v = 8, 1024, 64, 8192
+  f32 = jnp.float32
+  h, w = jnp.zeros((s, t, d), f32), jnp.zeros((d, v), f32)
+  y, old = jnp.zeros((s, t), jnp.int32), jnp.zeros((s, t), f32)
+  adv = jnp.ones((s,), f32)
+  mask = jnp.broadcast_to(jnp.arange(t) >= 128, (s, t))
+  pairs = lambda x: x.reshape(2, s // 2, *x.shape[1:])  # noqa: E731
+
+  def temp(f):
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    return step.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+
+  def logprobs(h, w):
+    return token_stats(h, w, 0.0, y)[0]
+
+  def preference(h, w, fused):
+    if fused:
+      return jsoft.linear_preference_loss(pairs(h), w, pairs(y),
+                                          where=pairs(mask))[0]
+    sums = pairs(jnp.sum(jnp.where(mask, logprobs(h, w), 0), -1))
+    return jsoft.preference_loss(sums[0], sums[1])[0]
+
+  fused = temp(lambda h, w: jsoft.linear_policy_loss(
+      h, w, y, old, adv, where=mask)[0])
+  unfused = temp(lambda h, w: jsoft.policy_loss(logprobs(h, w), old, adv,
+                                                where=mask)[0])
+  assert fused <= unfused / 16, (fused, unfused)
+  fused = temp(lambda h, w: preference(h, w, True))
+  unfused = temp(lambda h, w: preference(h, w, False))
+  assert fused <= unfused / 16, (fused, unfused)
