@@ -114,10 +114,11 @@ def linear_policy_loss(
     hidden: ``[..., T, D]`` features of the sampled sequences.
     weight: ``[D, V]`` head weight.
     tokens: integer ``[..., T]`` sampled tokens (global class indices).
-    old_logprobs, advantages, where, ref_logprobs, loss_type, importance,
-      clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator,
-      entropy_coef, aggregation, max_tokens, max_log_ratio: as in
+    old_logprobs, advantages, where, ref_logprobs: as in
       :func:`jsoft.policy_loss` (``where``: the completion tokens).
+    loss_type, importance, clip_low, clip_high, clip_ratio_c: as there.
+    kl_coef, kl_estimator, entropy_coef, aggregation: as there.
+    max_tokens, max_log_ratio: as there.
     bias: optional ``[V]`` bias.
     temperature: ``τ > 0``, the sampler's temperature: the policy is
       ``softmax(z/τ)``.
@@ -214,9 +215,10 @@ def linear_preference_loss(
     tokens: integer ``[2, ..., T]`` completion tokens.
     where: boolean ``[2, ..., T]``: the completion tokens (required).
     bias: optional ``[V]`` bias.
-    ref_chosen_logps, ref_rejected_logps, loss_type, beta, label_smoothing,
-      gamma, orpo_lambda, reduction: as in :func:`jsoft.preference_loss`
-      (the references ``[...]``, sums over the same tokens).
+    ref_chosen_logps, ref_rejected_logps: as in
+      :func:`jsoft.preference_loss` (``[...]``, sums over the same tokens).
+    loss_type, beta, label_smoothing, gamma, orpo_lambda, reduction: as
+      there.
     temperature: ``τ > 0``: the policy is ``softmax(z/τ)``.
     logit_soft_cap, chunk_size, tile_by, axis_name: as in
       :func:`jsoft.linear_cross_entropy`.
