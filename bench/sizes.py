@@ -183,21 +183,19 @@ def grid_of(payload: dict[str, Any], dtype: str) -> tuple[
 
 
 def tables(payload: dict[str, Any]) -> list[Any]:
-  """One table per dtype (and the geometric mean per kernel), and the fused
-  head's."""
+  """One table per dtype, a kernel a row, a shape a column, and the
+  geometric mean per kernel; and the fused head's."""
   out = []
   for dtype in payload["config"]["dtypes"]:
     shapes, kernels, ratios = grid_of(payload, dtype)
     if not shapes:
       continue
-    rows = [[s, *(None if np.isnan(r) else f"{r:.2f}" for r in row)]
-            for s, row in zip(shapes, ratios, strict=True)]
-    rows += [None, ["geomean", *(
-        f"{geomean([r for r in col if not np.isnan(r)]):.2f}"
-        for col in ratios.T)]]
+    rows = [[k, *(None if np.isnan(r) else f"{r:.2f}" for r in col),
+             f"{geomean([r for r in col if not np.isnan(r)]):.2f}"]
+            for k, col in zip(kernels, ratios.T, strict=True)]
     out.append(_plumbing.table(
         f"peer time ÷ jsoft time, {dtype} (above 1: jsoft is faster)",
-        ["N×C", *kernels], rows,
+        ["kernel", *shapes, "geomean"], rows,
         caption="peers: optax for the losses, jax.nn for the activations; "
         "median of the per-round ratios"))
   heads = [c for c in payload["cells"] if c["kernel"] == "fused head vg"]
@@ -235,7 +233,9 @@ def write_plot(path: str, payload: dict[str, Any]) -> None:
     ax.set_yticks(range(len(shapes)), shapes, fontsize=8)
     for (i, j), r in np.ndenumerate(ratios):
       if not np.isnan(r):
-        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=7)
+        dark = not 0.7 < r < 1.4  # white on the deep colours
+        ax.text(j, i, f"{r:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
     ax.set_title(dtype, fontsize=10)
   if image is not None:
     bar = fig.colorbar(image, ax=axes[:, 0], label="peer time ÷ jsoft time")
@@ -247,6 +247,14 @@ def write_plot(path: str, payload: dict[str, Any]) -> None:
                f"{info['cores']} cores, jax {info['jax']}, {info['date']})",
                fontsize=10)
   _plumbing.save_figure(fig, path)
+
+
+def show(payload: dict[str, Any]) -> None:
+  """The machine, the peers not run, and the tables, on stdout."""
+  _plumbing.say(report.header(payload["machine"]),
+                *(f"note: {peer} not run: {why}"
+                  for peer, why in payload["missing"].items()))
+  _plumbing.show(*tables(payload))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -262,10 +270,7 @@ text results are its standard output)."""
   dtypes = args.dtype.split(",") if args.dtype else None
   payload = run("tiny" if args.quick else "full", dtypes, args.rounds,
                 0.002 if args.quick else 0.02, args.only)
-  _plumbing.say(report.header(payload["machine"]),
-                *(f"note: {peer} not run: {why}"
-                  for peer, why in payload["missing"].items()))
-  _plumbing.show(*tables(payload))
+  show(payload)
   _plumbing.write_outputs(args.json, payload,
                           [(args.plot, lambda path: write_plot(path, payload))])
   return payload
