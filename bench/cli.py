@@ -50,6 +50,8 @@ COMMANDS = {
                     "curvature, distillation"),
     "lm": ("bench.lm", "the character language model alone (Flax NNX): "
            "the fused head against optax's loss"),
+    "sizes": ("bench.sizes", "every kernel against its peer over a grid "
+              "of shapes from 8x10 to a language model's: a heat map"),
     "plot": ("bench.report", "draw the chart of a saved --json result"),
 }
 

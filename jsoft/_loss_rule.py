@@ -246,7 +246,7 @@ def block_argmax(lmap: LogitMap | None, block: Block,
 
 
 def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
-                z_loss: float) -> jax.Array:
+                z_loss: float, exact: bool = False) -> jax.Array:
   """:func:`row_loss` of a whole row (at least one class, no masked
   entries), evaluated as one chain of reductions,
   ``Σ_c t_c·(log s − z_c) + λ_z·lse²``, which XLA CPU runs as one kernel
@@ -254,19 +254,30 @@ def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
 
   Equal to :func:`row_loss` wherever it is not NaN; it is NaN where a zero
   target meets a ``-inf`` logit (``0·inf``), on a row with no mass, and for
-  NaN inputs, and the caller then takes :func:`row_loss` instead. Forward
-  only (never differentiated).
+  NaN inputs, and the caller then takes :func:`row_loss` instead. With
+  ``exact`` it equals :func:`row_loss` everywhere: the shift has its floor
+  and ``s`` its guard (:func:`jsoft._softmax.mass`), so a row with no mass
+  reads ``log s = 0``, and a select drops each term of a zero target, so
+  ``0·inf`` never forms (one more op per logit, for calls too small to
+  pay for the caller's fallback). Forward only (never differentiated).
   """
   x = _raw(block)
-  shift = lax.stop_gradient(jnp.max(x, axis=-1))
-  if lmap is not None:
-    shift = apply(shift, lmap)
+  if exact:
+    shift = lax.stop_gradient(block_max(block, lmap))
+  else:
+    shift = lax.stop_gradient(jnp.max(x, axis=-1))
+    if lmap is not None:
+      shift = apply(shift, lmap)
   c = shift[..., None]
   z = _spellings.shifted(x, c, None, lmap)
-  log_s = jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))
+  s = jnp.sum(jnp.exp(z), axis=-1, keepdims=True)
+  log_s = jnp.log(mass(s) if exact else s)
   if not _spellings.one_kernel(x.size // max(x.shape[-1], 1)):
     z = _spellings.shifted(x, c, None, lmap, _spellings.SECOND)
-  loss = jnp.sum(block.dense * (log_s - z), axis=-1)
+  terms = block.dense * (log_s - z)
+  if exact:
+    terms = jnp.where(block.dense == 0, 0, terms)
+  loss = jnp.sum(terms, axis=-1)
   log_s = log_s[..., 0]
   if target.label is not None:
     loss = loss + target.label_mass * (

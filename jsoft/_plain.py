@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _collectives, _loss_rule, _rules, _stats
+from jsoft import _collectives, _loss_rule, _rules, _spellings, _stats
 from jsoft._loss_rule import Block, Sums, Target
 from jsoft._options import Options
 from jsoft._softcap import LogitMap
@@ -114,6 +114,9 @@ def _row_fun(static, logits, valid, dense, *arrays):
     # Nothing to gain (one target for every class, masked entries), or the
     # target is smoothed: the cond would store it.
     return by_sums()
+  if _spellings.few_logits(logits.size):
+    # Too small to pay for the cond: the exact spelling, no fallback.
+    return _loss_rule.direct_loss(lmap, block, target, z_loss, exact=True)
   fast = _loss_rule.direct_loss(lmap, block, target, z_loss)
   return lax.cond(jnp.any(jnp.isnan(fast)), by_sums, lambda: fast)
 

@@ -124,6 +124,14 @@ def one_kernel(rows: int) -> bool:
   return rows >= 4096
 
 
+def few_logits(size: int) -> bool:
+  """Whether a forward pass over ``size`` logits is so small that XLA CPU
+  takes longer to run a ``lax.cond`` (a fallback taken only when the
+  one-pass loss is NaN) than to select per logit (measured: up to 2^16
+  logits)."""
+  return size <= 2**16
+
+
 def after_label(shift: jax.Array, label_logit: jax.Array) -> jax.Array:
   """``max(shift, x_y)``, which is ``shift`` (the label's logit is one of
   the entries, or ``-inf``), spelled so that the shift depends on the

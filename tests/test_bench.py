@@ -17,6 +17,7 @@ from bench import (
     memory,
     options,
     report,
+    sizes,
     tiles,
     timing,
 )
@@ -201,6 +202,28 @@ def test_fused_head_case_compares_with_the_unfused(run):
   distill = next(c for c in payload["cases"] if c["fn"] == "distill")
   assert {"jsoft", "jsoft-plain", "optax"} <= set(distill["results"])
   assert distill["max_rel_diff"] < 1e-5
+
+
+def test_sizes_runs_every_kernel_and_writes_the_heat_map(tmp_path,
+                                                        monkeypatch, capsys):
+  monkeypatch.setitem(sizes.GRIDS, "tiny", [(4, 5)])
+  payload = cli.main(["sizes", "--quick", "--rounds", "1", "--dtype",
+                      "float32", "--json", str(tmp_path / "s.json"),
+                      "--plot", str(tmp_path / "s.png")])
+  cells = {c["kernel"]: c for c in payload["cells"]}
+  assert set(cells) == {*sizes.KERNELS, "fused head vg"}
+  for kernel, (_, _, peer) in sizes.KERNELS.items():
+    assert set(cells[kernel]["ratio"]) == {peer}
+    assert cells[kernel]["ratio"][peer] > 0
+  head = cells["fused head vg"]
+  # tokamax is measured where it is installed, else reported missing.
+  assert set(head["ratio"]) | set(payload["missing"]) == {"optax",
+                                                          "tokamax"}
+  out = capsys.readouterr().out
+  assert "peer time ÷ jsoft time, float32" in out and "geomean" in out
+  saved = json.loads((tmp_path / "s.json").read_text())
+  assert saved["machine"]["jax"] == jax.__version__
+  assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch, capsys):

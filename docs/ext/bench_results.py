@@ -25,6 +25,7 @@ must be rendered on some page, or be named in ``bench_results_unrendered``
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -167,6 +168,36 @@ def cases_tables(cases: list[dict[str, Any]]) -> list[nodes.Node]:
   ]
 
 
+def cells_tables(cells: list[dict[str, Any]]) -> list[nodes.Node]:
+  """``python -m bench sizes`` cells: per peer, a kernel and dtype a row, a
+  shape a column, the ratio peer ÷ jsoft in each cell, and the geometric
+  mean of the row."""
+  out: list[nodes.Node] = []
+  peers: list[str] = []
+  shapes: list[str] = []
+  for c in cells:
+    shape = "×".join(str(x) for x in c["dims"])
+    if shape not in shapes:
+      shapes.append(shape)
+    peers += [p for p in c.get("ratio", {}) if p not in peers]
+  for peer in peers:
+    rows: dict[str, dict[str, float]] = {}
+    for c in cells:
+      r = c.get("ratio", {}).get(peer)
+      if r is not None:
+        rows.setdefault(f"{c['kernel']}, {c['dtype']}", {})[
+            "×".join(str(x) for x in c["dims"])] = r
+    cols = [s for s in shapes if any(s in row for row in rows.values())]
+    body = []
+    for name, row in rows.items():
+      mean = math.exp(sum(math.log(x) for x in row.values()) / len(row))
+      body.append([name] + [fmt("r", row.get(s)) for s in cols]
+                  + [fmt("r", mean)])
+    out.append(nodes.rubric(text=f"{peer} ÷ jsoft"))
+    out.append(table(["kernel, dtype"] + cols + ["geometric mean"], body))
+  return out
+
+
 def is_record(d: Any) -> bool:
   """A mapping that fits one table row: scalars, lists of numbers (curves,
   left to the charts) and mappings of the same."""
@@ -221,6 +252,8 @@ def render(data: Any, title: str | None = None,
       continue
     if k == "cases" and isinstance(v, list):
       out.extend(cases_tables(v))
+    elif k == "cells" and isinstance(v, list):
+      out.extend(cells_tables(v))
     elif k == "targets" and isinstance(v, list):
       out.append(nodes.rubric(text="targets"))
       out.append(table(["target", "goal", "measured", "met"], [
