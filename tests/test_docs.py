@@ -13,6 +13,9 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
 
 
 def python_blocks(path: pathlib.Path) -> list[str]:
+  # Fenced ```python blocks run; a block that cannot run in a test process
+  # (the multi-host guide's jax.distributed.initialize) is a
+  # ```{code-block} python directive instead, shown but not run.
   return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
 
 
