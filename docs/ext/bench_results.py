@@ -268,7 +268,7 @@ def render(data: Any, title: str | None = None,
     elif isinstance(v, dict) and v and all(is_record(x) for x in v.values()):
       out.append(nodes.rubric(text=k))
       out.append(records_table(list(v.items()), ""))
-    elif isinstance(v, dict):
+    elif isinstance(v, dict) and v:  # an empty mapping: nothing to show
       out.extend(render(v, k, byte_keys))
     elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
       out.extend(render(v, k, byte_keys))
