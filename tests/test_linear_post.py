@@ -116,6 +116,35 @@ def test_token_ratio_fast_path_equals_materialised_logits(aggregation, bonus):
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("vma", [True, False])
+def test_token_ratio_fast_path_inside_shard_map(vma):
+  # Data-parallel: each device takes two sequences through the fast path;
+  # each device's loss equals the same call on its slice on one device.
+  mesh = Mesh(np.array(jax.devices()[:4]), ("dp",))
+  kw = dict(kl_coef=0.3, entropy_coef=0.05, aggregation="sequence_mean",
+            **FAST)
+  data = (FAST_Y, FAST_MASK, FAST_OLD, FAST_REF, FAST_ADV)
+
+  def local(h, w, y, mask, old, ref, adv):
+    loss, stats = jsoft.linear_policy_loss(h, w, y, old, adv, where=mask,
+                                           ref_logprobs=ref, **kw)
+    return loss[None], stats.entropy[None]
+
+  spec = P("dp")
+  step = helpers.shard_map(local, mesh=mesh,
+                           in_specs=(spec, P(), *[spec] * len(data)),
+                           out_specs=(spec, spec), check_vma=vma)
+  sharded = jax.jit(lambda h, w: step(h, w, *data))
+
+  def one(h, w):
+    parts = [local(h[i:i + 2], w, *(x[i:i + 2] for x in data))
+             for i in range(0, FAST_S, 2)]
+    return tuple(jnp.concatenate(p) for p in zip(*parts, strict=True))
+
+  helpers.assert_same_value_and_vjp(sharded, one, FAST_H, W, rtol=1e-12,
+                                    vjp_rtol=1e-11)
+
+
 def test_token_ratio_forms_its_gradients_in_the_forward_pass():
   # Three matmuls per token tile (logits, dh, dW), as the reduced CE head;
   # a sequence ratio needs the sequences' sums first: its backward pass
