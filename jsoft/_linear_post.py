@@ -5,9 +5,11 @@ Both losses are functions of each sampled token's log-probability
 ``log p_t = log softmax(h_t W + b)_{y_t}`` (and, for the entropy bonus, of
 its entropy ``H_t``), which the fused cross-entropy head computes one tile
 of logits at a time and differentiates in every mode
-(:func:`jsoft.linear_cross_entropy` with ``return_stats=True``). So the
-loss is that head's per-token statistics fed to :func:`jsoft.policy_loss`
-or, summed per sequence, to :func:`jsoft.preference_loss`: JAX's chain rule
+(:func:`jsoft.linear_cross_entropy` with ``return_stats=True``; the
+preference losses need ``log p_t`` alone, minus the head's per-token loss,
+which sums no entropy and tracks no argmax). So the loss is that head's
+per-token statistics fed to :func:`jsoft.policy_loss` or, summed per
+sequence, to :func:`jsoft.preference_loss`: JAX's chain rule
 hands the head one coefficient per token, ``c_t = ∂L/∂log p_t``, and the
 head's backward pass forms ``∂L/∂z_t = −c_t·(onehot(y_t) − p_t)`` (plus the
 entropy's ``∂L/∂H_t·(−p_t(log p_t + H_t))``) tile by tile: never the
@@ -41,6 +43,16 @@ class Head(NamedTuple):
   logit_soft_cap: float | None
   temperature: float
   axis_name: Any
+
+
+def _logprobs(head: Head, hidden, weight, tokens, bias, where):
+  """Each token's ``log p_t`` alone, ``[..., T]`` (0 where masked): minus
+  the fused head's per-token cross-entropy, which sums no entropy and
+  tracks no argmax."""
+  return -linear_cross_entropy(
+      hidden, weight, tokens, bias=bias, chunk_size=head.chunk_size,
+      tile_by=head.tile_by, logit_soft_cap=head.logit_soft_cap,
+      temperature=head.temperature, axis_name=head.axis_name, where=where)
 
 
 def _stats(head: Head, hidden, weight, tokens, bias, where):
@@ -189,9 +201,9 @@ def _preference_jit(hidden, weight, tokens, where, bias, ref_chosen,
     raise ValueError(f"jsoft.{fn}: tokens must have shape [2, ..., T] "
                      f"(chosen, then rejected), got {tuple(tokens.shape)}.")
   where = _checks.mask(where, tokens.shape, fn)
-  stats = _stats(head, hidden, weight, tokens, bias, where)
+  logprob = _logprobs(head, hidden, weight, tokens, bias, where)
   # Masked tokens have log-probability 0: the sums are over the completion.
-  sums = jnp.sum(stats.logprob, -1)
+  sums = jnp.sum(logprob, -1)
   lengths = None
   if opts.loss_type in _preference.NO_REFERENCE:
     lengths = jnp.sum(where, -1).astype(sums.dtype)
