@@ -52,6 +52,8 @@ COMMANDS = {
            "the fused head against optax's loss"),
     "sizes": ("bench.sizes", "every kernel against its peer over a grid "
               "of shapes from 8x10 to a language model's: a heat map"),
+    "post": ("bench.post", "the policy-gradient and preference losses' step "
+             "against the fused CE head's and the materialised logits'"),
     "plot": ("bench.report", "draw the chart of a saved --json result"),
 }
 

@@ -16,7 +16,10 @@ True):
 * ``backward(..., residuals, k) -> g``: the gradient tile ``[c, V]``,
   exactly 0 on rows that are not ``own`` or have no loss;
 * ``forward_and_backward(..., k) -> (loss, g)``: both from one tile of
-  logits.
+  logits; a rule with ``aux`` (a class attribute, True) returns
+  ``(loss, g, extra)``, ``extra`` a tree of ``[c, ...]`` arrays per token
+  that :func:`reduced` hands back beside the sum (no gradient: a policy
+  loss's log-probabilities for its statistics).
 
 The drivers run them in :func:`jsoft._tiling.scan_tokens` and fold each
 ``g`` into ``dh``, ``dW``, ``db`` (:func:`jsoft._tiling.fold`):
@@ -53,6 +56,11 @@ class Static(NamedTuple):
   count: int  # how many per-token operands
   whole: int  # how many other operands
 
+  @property
+  def aux(self) -> bool:
+    """Whether the rule also gives per-token outputs (``extra``)."""
+    return bool(getattr(self.rule, "aux", False))
+
 
 def _split(static: Static, operands):
   return (tuple(operands[:static.count]), tuple(operands[static.count:]))
@@ -85,24 +93,29 @@ def _reduced_fwd(static: Static, h, w, b, coef, kept, *operands):
     k = tiling.rows(coef, start, tiles.size)
     if own is not True:
       k = jnp.where(own, k, 0)
-    loss, g = static.rule.forward_and_backward(h_t, w, b, tokens, whole,
-                                               own, k)
+    loss, g, *extra = static.rule.forward_and_backward(h_t, w, b, tokens,
+                                                       whole, own, k)
     dh_t, dw_t, db_t = tiling.fold(g, tiling.transposed(h_t), w, acc)
     db = None if db is None else db + db_t
-    return (total + jnp.sum(k * loss), dw + dw_t, db), dh_t
+    return (total + jnp.sum(k * loss), dw + dw_t, db), (dh_t, extra)
 
   init = (tiling.zeros((), acc, *refs), tiling.zeros(w.shape, acc, *refs),
           None if b is None else tiling.zeros(b.shape, acc, *refs))
-  (total, dw, db), dh = tiling.scan_tokens(tiles, tile, init, kept=kept,
-                                           refs=refs)
+  (total, dw, db), (dh, extra) = tiling.scan_tokens(
+      tiles, tile, init, kept=kept, refs=refs)
   # Per device, float32: the backward pass scales them by each device's
   # cotangent, then sums each over the mesh axes its input is replicated
   # on.
-  return total, (tiling.Grads(dh, dw, db), (h, w, b))
+  res = (tiling.Grads(dh, dw, db), (h, w, b))
+  if static.aux:
+    return (total, _collectives.varying_tree(extra[0], *refs)), res
+  return total, res
 
 
 def _reduced_bwd(static: Static, res, ct):
   grads, primals = res
+  if static.aux:  # the per-token outputs get no gradient
+    ct = ct[0]
   scaled = tiling.Grads(*(None if g is None else ct.astype(g.dtype) * g
                           for g in grads))
   return (*tiling.cast(scaled, *primals), None, None,
@@ -110,6 +123,8 @@ def _reduced_bwd(static: Static, res, ct):
 
 
 def _reduced_fun(static: Static, h, w, b, coef, kept, *operands):
+  if static.aux:  # the per-token outputs come from the gradient's tile
+    return _reduced_fwd(static, h, w, b, coef, kept, *operands)[0]
   # Not differentiated: the loss alone (no gradient work).
   return jnp.sum(coef * _token_fwd(static, h, w, b, kept, *operands)[0])
 
@@ -119,11 +134,13 @@ _reduced = _rules.vjp_rule(_reduced_fun, _reduced_fwd, _reduced_bwd)
 
 def reduced(rule: Any, tokens: int, h: jax.Array, w: jax.Array,
             b: jax.Array | None, coef: jax.Array, kept: jax.Array | None,
-            per_token_operands: tuple, whole: tuple) -> jax.Array:
+            per_token_operands: tuple, whole: tuple) -> Any:
   """``Σ_n coef_n·L_n`` of ``rule`` over tiles of ``tokens`` rows of
   ``h`` (all classes per tile), its gradients with respect to ``h``, ``w``
   and ``b`` formed in the forward pass. ``coef`` is a constant (no
-  gradient); ``kept``: skip the tiles past the first ``kept`` rows."""
+  gradient); ``kept``: skip the tiles past the first ``kept`` rows. With
+  a rule's ``aux``: ``(sum, extra)``, ``extra`` per token ``[N, ...]``
+  (no gradient)."""
   static = Static(rule, tokens, len(per_token_operands), len(whole))
   return _reduced(static, h, w, b, jax.lax.stop_gradient(coef), kept,
                   *per_token_operands, *whole)

@@ -5,15 +5,21 @@ Both losses are functions of each sampled token's log-probability
 ``log p_t = log softmax(h_t W + b)_{y_t}`` (and, for the entropy bonus, of
 its entropy ``H_t``), which the fused cross-entropy head computes one tile
 of logits at a time and differentiates in every mode
-(:func:`jsoft.linear_cross_entropy` with ``return_stats=True``). So the
-loss is that head's per-token statistics fed to :func:`jsoft.policy_loss`
-or, summed per sequence, to :func:`jsoft.preference_loss`: JAX's chain rule
+(:func:`jsoft.linear_cross_entropy` with ``return_stats=True``; the
+preference losses need ``log p_t`` alone, minus the head's per-token loss,
+which sums no entropy and tracks no argmax). So the loss is that head's
+per-token statistics fed to :func:`jsoft.policy_loss` or, summed per
+sequence, to :func:`jsoft.preference_loss`: JAX's chain rule
 hands the head one coefficient per token, ``c_t = ∂L/∂log p_t``, and the
 head's backward pass forms ``∂L/∂z_t = −c_t·(onehot(y_t) − p_t)`` (plus the
 entropy's ``∂L/∂H_t·(−p_t(log p_t + H_t))``) tile by tile: never the
 ``[N, V]`` logits, at the head's memory (its backward pass recomputes each
 tile: four matmuls per tile where the reduced cross-entropy head takes
-three).
+three). With a per-token ratio over tiles of tokens on one device's
+vocabulary, each ``c_t`` is known as soon as the token's row has been seen,
+so the policy loss is instead a row rule of the reduced driver
+(:mod:`jsoft._policy_head`): the gradient tile is formed in the forward
+pass, three matmuls per tile, as the cross-entropy head's.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jsoft import _checks, _policy, _preference
+from jsoft import _checks, _policy, _policy_head, _preference
 from jsoft._linear_cross_entropy import linear_cross_entropy
 from jsoft._policy import PolicyStats
 from jsoft._preference import PreferenceStats
@@ -37,6 +43,16 @@ class Head(NamedTuple):
   logit_soft_cap: float | None
   temperature: float
   axis_name: Any
+
+
+def _logprobs(head: Head, hidden, weight, tokens, bias, where):
+  """Each token's ``log p_t`` alone, ``[..., T]`` (0 where masked): minus
+  the fused head's per-token cross-entropy, which sums no entropy and
+  tracks no argmax."""
+  return -linear_cross_entropy(
+      hidden, weight, tokens, bias=bias, chunk_size=head.chunk_size,
+      tile_by=head.tile_by, logit_soft_cap=head.logit_soft_cap,
+      temperature=head.temperature, axis_name=head.axis_name, where=where)
 
 
 def _stats(head: Head, hidden, weight, tokens, bias, where):
@@ -52,6 +68,23 @@ def _stats(head: Head, hidden, weight, tokens, bias, where):
 @functools.partial(jax.jit, static_argnames=("obj", "head"))
 def _policy_jit(hidden, weight, tokens, old_logprobs, advantages, bias,
                 where, ref_logprobs, obj, head):
+  fn = "linear_policy_loss"
+  hidden, weight, tokens, bias = _policy_head.checked(fn, hidden, weight,
+                                                      tokens, bias)
+  n, vocab = tokens.size, weight.shape[1]
+  if _policy_head.applies(obj, n, vocab, head.tile_by, head.axis_name):
+    # Token ratios: each token's coefficient is known in the forward tile,
+    # where the gradient is formed (three matmuls per tile).
+    acc = _checks.compute_dtype(hidden.dtype)
+    _, old, adv, mask, ref, _ = _policy.arrays(
+        fn, jnp.zeros(tokens.shape, acc), old_logprobs, advantages, where,
+        ref_logprobs, None, obj._replace(entropy_coef=0.0))
+    loss, (logp, entropy) = _policy_head.policy_loss(
+        head, obj, hidden, weight, tokens, bias, old, adv, mask, ref)
+    _, token_stats = _policy.token_terms(obj, logp, old, adv, mask, ref,
+                                         entropy)
+    return loss, _policy.aggregate(obj, token_stats.ratio, token_stats,
+                                   mask)[1]
   stats = _stats(head, hidden, weight, tokens, bias, where)
   # Without the bonus the entropy is only reported: no gradient, so the
   # head's backward pass skips its share (a symbolic-zero tangent).
@@ -105,10 +138,17 @@ def linear_policy_loss(
   log-probabilities.
 
   Gradient: with ``c_t = ∂L/∂log p_t`` (see :func:`jsoft.policy_loss`),
-  ``∂L/∂z_t = −c_t(onehot(y_t) − p_t)/τ`` (and the entropy's share), formed
-  one tile of logits at a time by the fused head's backward pass
-  (:func:`jsoft.linear_cross_entropy` with ``return_stats=True``), in
-  every autodiff mode.
+  ``∂L/∂z_t = −c_t(onehot(y_t) − p_t)/τ`` (and the entropy's share), one
+  tile of logits at a time, in every autodiff mode. With
+  ``importance="token"`` over tiles of tokens (``tile_by="tokens"``, or
+  ``N ≥ V`` by default) and no ``axis_name``, ``c_t`` depends on the
+  token's own ``log p_t`` and constants (the aggregation weights come from
+  the mask alone), so the forward pass forms and folds each gradient tile
+  while it holds the logits (three matmuls per tile, as the reduced
+  cross-entropy head); otherwise (a sequence ratio, tiles of classes, a
+  vocabulary-parallel head) the fused head's backward pass recomputes each
+  tile (:func:`jsoft.linear_cross_entropy` with ``return_stats=True``;
+  four).
 
   Args:
     hidden: ``[..., T, D]`` features of the sampled sequences.
@@ -161,9 +201,9 @@ def _preference_jit(hidden, weight, tokens, where, bias, ref_chosen,
     raise ValueError(f"jsoft.{fn}: tokens must have shape [2, ..., T] "
                      f"(chosen, then rejected), got {tuple(tokens.shape)}.")
   where = _checks.mask(where, tokens.shape, fn)
-  stats = _stats(head, hidden, weight, tokens, bias, where)
+  logprob = _logprobs(head, hidden, weight, tokens, bias, where)
   # Masked tokens have log-probability 0: the sums are over the completion.
-  sums = jnp.sum(stats.logprob, -1)
+  sums = jnp.sum(logprob, -1)
   lengths = None
   if opts.loss_type in _preference.NO_REFERENCE:
     lengths = jnp.sum(where, -1).astype(sums.dtype)

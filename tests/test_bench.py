@@ -16,6 +16,7 @@ from bench import (
     cli,
     memory,
     options,
+    post,
     report,
     sizes,
     tiles,
@@ -330,3 +331,31 @@ def test_options_table(tmp_path, capsys):
   # Statistics left unused and ignored tokens add no memory to the head.
   for name in ("stats, unused", "75% ignored"):
     assert head[name]["temp_bytes"] <= 1.1 * head["plain"]["temp_bytes"]
+
+
+def test_post_training_cases(tmp_path, capsys):
+  result = cli.main(["post", "--quick", "--rounds", "1", "--json",
+                     str(tmp_path / "p.json")])
+  assert list(result) == list(post.SECTIONS)
+  x = post.inputs(quick=True)
+  for section, make in (("policy", post.policy_losses),
+                        ("preference", post.preference_losses)):
+    r = result[section]
+    assert list(r["results"]) == ["ce_head", *make(x, "tokens")]
+    for name, m in r["results"].items():
+      assert (name == "ce_head") != ("ratio_to_ce_head" in m), name
+      assert m["temp_bytes"] >= 0 and m["median_ms"] > 0
+    assert r["max_rel_diff"] < 1e-5  # float32, fused against materialised
+    assert [t["goal"] for t in r["targets"]] == [
+        f"≤ {post.TARGETS[section]:.2f}", "≤ 1/16"]
+    # Every peer computes the same loss (the textbook formula, jsoft's on
+    # materialised logits, the fused head).
+    values = {name: float(f(x["h"], x["w"])) for name, f in
+              make(x, "tokens").items() if "entropy" not in name}
+    np.testing.assert_allclose(list(values.values()),
+                               values["jsoft-plain"], rtol=1e-5)
+  out = capsys.readouterr().out
+  assert "policy: value_and_grad" in out and "jsoft, entropy bonus" in out
+  saved = json.loads((tmp_path / "p.json").read_text())
+  assert saved["preference"]["sequences"] == post.QUICK[0]
+  assert "machine" in saved

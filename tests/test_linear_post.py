@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jsoft
+from jsoft import _compat
 from tests import helpers
 
 S, T, D, V = 3, 7, 4, 12
@@ -66,6 +67,104 @@ def test_policy_equals_the_loss_on_materialised_logits(name, loop):
                              entropy=ent, **kw)
 
   helpers.assert_same_value_and_vjp(fused, unfused, H, W, B)
+
+
+# The token-ratio fast path (gradients formed in the forward tile): 1040
+# tokens, so the kept ones are gathered first (from 1024 on), in tiles of
+# 96 whose last overlaps the one before; a ragged mask with an empty
+# sequence, NaN in the masked tokens' old and reference log-probabilities.
+FAST_S, FAST_T = 8, 130
+FAST_H = rng.normal(size=(FAST_S, FAST_T, D))
+FAST_Y = rng.integers(0, V, size=(FAST_S, FAST_T))
+FAST_MASK = np.arange(FAST_T) < rng.integers(20, FAST_T, size=FAST_S)[:, None]
+FAST_MASK[:, :10] = False  # the prompt
+FAST_MASK[3] = False  # all masked
+FAST_OLD = np.where(FAST_MASK, rng.normal(scale=0.4, size=FAST_MASK.shape)
+                    - 2.5, np.nan)
+FAST_REF = np.where(FAST_MASK, rng.normal(scale=0.4, size=FAST_MASK.shape)
+                    - 2.5, np.nan)
+FAST_ADV = rng.normal(size=(FAST_S, FAST_T))
+FAST = dict(tile_by="tokens", chunk_size=96)
+
+
+@pytest.mark.parametrize("bonus", [0.0, 0.05])
+@pytest.mark.parametrize("aggregation",
+                         ["token_mean", "sequence_mean", "constant"])
+def test_token_ratio_fast_path_equals_materialised_logits(aggregation, bonus):
+  kw = dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, kl_coef=0.3,
+            aggregation=aggregation, entropy_coef=bonus, max_tokens=150)
+  tau, cap = 0.8, 3.0
+
+  def fused(h, w, b):
+    return jsoft.linear_policy_loss(h, w, FAST_Y, FAST_OLD, FAST_ADV, bias=b,
+                                    where=FAST_MASK, ref_logprobs=FAST_REF,
+                                    temperature=tau, logit_soft_cap=cap,
+                                    **FAST, **kw)
+
+  def unfused(h, w, b):
+    logp = jax.nn.log_softmax(cap * jnp.tanh((h @ w + b) / cap) / tau)
+    lp = jnp.take_along_axis(logp, FAST_Y[..., None], -1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logp) * logp, -1)
+    return jsoft.policy_loss(lp, FAST_OLD, FAST_ADV, where=FAST_MASK,
+                             ref_logprobs=FAST_REF, entropy=ent, **kw)
+
+  helpers.assert_same_value_and_vjp(fused, unfused, FAST_H, W, B)
+  # Forward mode too (the rule's JVP is its VJP transposed).
+  tangents = tuple(rng.normal(size=np.shape(x)) for x in (FAST_H, W, B))
+  got = jax.jvp(lambda *a: fused(*a)[0], (FAST_H, W, B), tangents)
+  want = jax.jvp(lambda *a: unfused(*a)[0], (FAST_H, W, B), tangents)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("vma", [True, False])
+def test_token_ratio_fast_path_inside_shard_map(vma):
+  # Data-parallel: each device takes two sequences through the fast path;
+  # each device's loss equals the same call on its slice on one device.
+  mesh = Mesh(np.array(jax.devices()[:4]), ("dp",))
+  kw = dict(kl_coef=0.3, entropy_coef=0.05, aggregation="sequence_mean",
+            **FAST)
+  data = (FAST_Y, FAST_MASK, FAST_OLD, FAST_REF, FAST_ADV)
+
+  def local(h, w, y, mask, old, ref, adv):
+    loss, stats = jsoft.linear_policy_loss(h, w, y, old, adv, where=mask,
+                                           ref_logprobs=ref, **kw)
+    return loss[None], stats.entropy[None]
+
+  spec = P("dp")
+  step = helpers.shard_map(local, mesh=mesh,
+                           in_specs=(spec, P(), *[spec] * len(data)),
+                           out_specs=(spec, spec), check_vma=vma)
+  sharded = jax.jit(lambda h, w: step(h, w, *data))
+
+  def one(h, w):
+    parts = [local(h[i:i + 2], w, *(x[i:i + 2] for x in data))
+             for i in range(0, FAST_S, 2)]
+    return tuple(jnp.concatenate(p) for p in zip(*parts, strict=True))
+
+  helpers.assert_same_value_and_vjp(sharded, one, FAST_H, W, rtol=1e-12,
+                                    vjp_rtol=1e-11)
+
+
+def test_token_ratio_forms_its_gradients_in_the_forward_pass():
+  # Three matmuls per token tile (logits, dh, dW), as the reduced CE head;
+  # a sequence ratio needs the sequences' sums first: its backward pass
+  # recomputes each tile (four).
+  h, w = FAST_H[:, :64], W
+  y, old, mask = FAST_Y[:, :64], FAST_OLD[:, :64], FAST_MASK[:, :64]
+
+  def dots(**kw):
+    step = jax.value_and_grad(lambda h, w: jsoft.linear_policy_loss(
+        h, w, y, old, FAST_ADV[:, 0], where=mask, tile_by="tokens",
+        chunk_size=96, **kw)[0], argnums=(0, 1))
+    return helpers.count_dots(step, h, w)
+
+  assert dots() == 3
+  assert dots(entropy_coef=0.1, loss_type="cispo") == 3
+  if _compat.JAX_VERSION < (0, 7):
+    pytest.skip("the rest held; needs jax >= 0.7, before which the jaxpr "
+                "keeps the dead forward pass of the transpose fallback "
+                f"(XLA drops it); this is jax {jax.__version__}")
+  assert dots(importance="sequence") == 4
 
 
 PREFERENCE = {
