@@ -35,7 +35,7 @@ The drivers run them in :func:`jsoft._tiling.scan_tokens` and fold each
   tile and forms ``g`` from the per-token cotangents.
 
 Both skip the tiles past ``kept`` (ignored tokens gathered out:
-:class:`jsoft._tiling.Compaction`), and every autodiff mode works
+:class:`jsoft._compaction.Compaction`), and every autodiff mode works
 (:mod:`jsoft._rules`).
 """
 

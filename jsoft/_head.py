@@ -32,7 +32,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _loss_rule, _rules, _spellings
+from jsoft import (
+  _checks,
+  _collectives,
+  _compaction,
+  _loss_rule,
+  _rules,
+  _spellings,
+)
 from jsoft import _tiling as tiling
 from jsoft._loss_rule import Block, Sums
 from jsoft._softcap import LogitMap
@@ -261,7 +268,7 @@ _head = _rules.vjp_rule(_head_fun, _head_fwd, _head_bwd)
 
 def head_sums(loop: Loop, h: jax.Array, w: jax.Array, b: jax.Array | None,
               label: jax.Array, keep: jax.Array | None, dense: Any,
-              compaction: tiling.Compaction | None = None
+              compaction: _compaction.Compaction | None = None
               ) -> tuple[jax.Array, Sums, jax.Array | None]:
   """Each token's shift, sums and (with ``loop.stats``) argmax over this
   device's classes of ``h @ w + b`` (``h``: ``[N, D]``; ``w``: ``[D, V]``),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jsoft import (
   _checks,
   _collectives,
+  _compaction,
   _drivers,
   _head,
   _loss_rule,
@@ -209,8 +210,8 @@ def _lce_jit(hidden, weight, labels, bias, class_weights, sample_weights,
   # From COMPACT_MIN_TOKENS on, ignored tokens are gathered out of the
   # tile loop.
   compaction = None
-  if rows is not None and n >= tiling.COMPACT_MIN_TOKENS:
-    compaction = tiling.Compaction.of(target.keep)
+  if rows is not None and n >= _compaction.COMPACT_MIN_TOKENS:
+    compaction = _compaction.Compaction.of(target.keep)
 
   def reduced(loss):  # the per-token loss [N], weighted and reduced
     return _targets.reduced(loss, target, reduction,

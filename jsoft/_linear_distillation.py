@@ -34,6 +34,7 @@ from jax import lax
 from jsoft import (
   _checks,
   _collectives,
+  _compaction,
   _distillation,
   _drivers,
   _loss_rule,
@@ -254,9 +255,9 @@ def _ld_jit(hs, ws, ht, wt, bs, bt, labels, div, hard, chunk_size,
       coef = coef / jnp.where(count == 0, 1, count)
   compaction, kept = None, None
   tokens = (ht, y, rows, invalid)
-  if keep is not None and n >= tiling.COMPACT_MIN_TOKENS:
+  if keep is not None and n >= _compaction.COMPACT_MIN_TOKENS:
     # Ignored tokens gathered out of the tile loop.
-    compaction = tiling.Compaction.of(keep)
+    compaction = _compaction.Compaction.of(keep)
     hs, coef, kept = compaction.gather(hs), compaction.gather(coef), \
         compaction.count
     tokens = tuple(map(compaction.gather, tokens))

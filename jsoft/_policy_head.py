@@ -29,7 +29,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jsoft import _checks, _collectives, _drivers, _loss_rule, _policy
+from jsoft import (
+  _checks,
+  _collectives,
+  _compaction,
+  _drivers,
+  _loss_rule,
+  _policy,
+)
 from jsoft import _tiling as tiling
 from jsoft._loss_rule import Block
 from jsoft._softcap import LogitMap, logit_map
@@ -145,8 +152,8 @@ def policy_loss(head: Any, obj: _policy.Objective, hidden, weight, tokens,
               flat(adv), flat(ref)]
   # Kept tokens gathered first, the tiles past them skipped (as the head).
   compaction, kept = None, None
-  if n >= tiling.COMPACT_MIN_TOKENS:
-    compaction = tiling.Compaction.of(keep)
+  if n >= _compaction.COMPACT_MIN_TOKENS:
+    compaction = _compaction.Compaction.of(keep)
     h, w, kept = compaction.gather(h), compaction.gather(w), compaction.count
     operands = [compaction.gather(x) for x in operands]
   size = min(head.chunk_size or tiling.token_tile(n, vocab), n)

@@ -18,9 +18,10 @@ logits at a time. This module is the loop they share; the heads plug a
 * :func:`fold` and :func:`cast`: a gradient tile into
   ``dh = g Wᵀ``, ``dW += hᵀ g``, ``db += Σ g`` (float32), then back to the
   inputs' dtypes, summed over the mesh axes their inputs are replicated on;
-* :class:`Compaction`: ignored tokens (padding, prompts) gathered behind
-  the kept ones, so that a loop over the first ``⌈K/c⌉`` tiles sees every
-  kept token and the rest are skipped: the time goes with the kept count.
+* with :class:`jsoft._compaction.Compaction` (ignored tokens, padding and
+  prompts, gathered behind the kept ones) a loop over the first ``⌈K/c⌉``
+  tiles sees every kept token and the rest are skipped: the time goes with
+  the kept count.
 
 The word is *tile* throughout; ``chunk_size``, the public argument, is the
 size of one.
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _collectives, _compat, _rules
+from jsoft import _collectives, _compat
 
 MIB = 2**20
 # Byte budgets of one float32 tile of logits, per loop: a share of all the
@@ -49,9 +50,6 @@ BUDGETS = {  # loop: (share, cap in bytes)
     "classes": (64, 16 * MIB),
     "distillation": (32, 16 * MIB),
 }
-# From this many tokens on, ignored tokens are gathered out of the loop
-# (below, the gather costs more than the tiles it saves).
-COMPACT_MIN_TOKENS = 1024
 # Row tiles of a class loop whose ignored tokens are gathered out: the kept
 # count is rounded up to 1/ROW_TILES of the tokens (the forward and backward
 # passes skip the row tiles past it). Each row tile adds its share to every
@@ -363,53 +361,3 @@ def cast(grads: Grads, h, w, b) -> Grads:
 
   return Grads(back(grads.hidden, h), back(grads.weight, w),
                back(grads.bias, b))
-
-
-# --------------------------------------------------------- ignored tokens
-
-
-class Compaction(NamedTuple):
-  """The tokens reordered, kept ones first (a stable sort), and their
-  count ``K``: a loop over the first ``⌈K/c⌉`` tiles sees every kept
-  token (:func:`scan_tokens`' ``kept``)."""
-  order: jax.Array  # [N] the kept tokens' indices, then the others'
-  back: jax.Array  # [N] the inverse permutation
-  count: jax.Array  # int32 K
-
-  @staticmethod
-  def of(keep: jax.Array) -> Compaction:
-    order = jnp.argsort(~keep, stable=True).astype(jnp.int32)
-    back = jnp.zeros_like(order).at[order].set(
-        jnp.arange(order.shape[0], dtype=jnp.int32))
-    return Compaction(order, back, jnp.sum(keep, dtype=jnp.int32))
-
-  def gather(self, x: Any) -> Any:
-    """``x[order]`` along the tokens (None and numbers pass), with the
-    inverse gather as its VJP (no scatter-add)."""
-    if not isinstance(x, jax.Array) or x.ndim == 0:
-      return x
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      return x[self.order]
-    return _permute(None, x, self.order, self.back)
-
-  def scatter(self, x: Any) -> Any:
-    """The inverse of :meth:`gather`."""
-    return Compaction(self.back, self.order, self.count).gather(x)
-
-
-def _permute_fun(static, x, order, back):
-  del static, back
-  return x[order]
-
-
-def _permute_fwd(static, x, order, back):
-  return _permute_fun(static, x, order, back), (order, back)
-
-
-def _permute_bwd(static, res, ct):
-  del static
-  _, back = res
-  return ct[back], None, None
-
-
-_permute = _rules.vjp_rule(_permute_fun, _permute_fwd, _permute_bwd)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jsoft
+from jsoft import _compaction
 from jsoft import _tiling as tiling
 from tests import helpers
 
@@ -111,7 +112,7 @@ def test_scan_runs_only_the_tiles_that_hold_kept_rows(kept, runs):
 
 def test_compaction_puts_kept_tokens_first_in_order():
   keep = jnp.asarray([False, True, False, True, True, False])
-  c = tiling.Compaction.of(keep)
+  c = _compaction.Compaction.of(keep)
   np.testing.assert_array_equal(c.order, [1, 3, 4, 0, 2, 5])
   assert int(c.count) == 3
   x = jnp.arange(6.0) * 10
@@ -121,7 +122,7 @@ def test_compaction_puts_kept_tokens_first_in_order():
 
 def test_compaction_gradient_is_the_inverse_gather():
   keep = jnp.asarray([True, False, True, False, False, True, True])
-  c = tiling.Compaction.of(keep)
+  c = _compaction.Compaction.of(keep)
   weights = np.arange(1.0, 8.0)
   x = np.linspace(-1, 1, 7)
 
