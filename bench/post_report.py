@@ -13,6 +13,28 @@ from bench import _plumbing
 # ------------------------------------------------------------------ report
 
 
+def _target(what: str, goal: str, measured: float, met: bool):
+  return {"target": what, "goal": goal, "measured": float(measured),
+          "met": bool(met)}
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+  """What the run sets out to show, each with its goal, the measured value
+  and whether it was met (the docs render them as a table)."""
+  d, g = result["dpo"], result["grpo"]
+  return [
+      _target("DPO loss curves, fused vs materialised", "≤ 1e-5",
+              d["max_curve_difference"], d["max_curve_difference"] <= 1e-5),
+      _target("GRPO loss curves, fused vs materialised", "≤ 1e-3",
+              g["max_curve_difference"], g["max_curve_difference"] <= 1e-3),
+      _target("DPO held-out margin after", "> 0",
+              d["held_out"]["after, fused"]["margin"],
+              d["held_out"]["after, fused"]["margin"] > 0),
+      _target("GRPO mean reward, last five batches ÷ first", "> 1",
+              g["reward_first_last"][1] / g["reward_first_last"][0],
+              g["reward_first_last"][1] > g["reward_first_last"][0])]
+
+
 def table(result: dict[str, Any]) -> Any:
   """The run as the benchmark's one table style (:mod:`bench._plumbing`)."""
   cfg, s, d, g = (result[k] for k in ("config", "sft", "dpo", "grpo"))

@@ -86,6 +86,15 @@ def test_grpo_fused_and_materialised_agree(run):
   assert np.all((rewards >= 0) & (rewards <= 1))
 
 
+def test_curve_targets_met(run):
+  # The report's targets table: the curve agreements hold on the quick run
+  # (the reward's rise needs the full run's batches).
+  met = {t["target"]: t["met"] for t in run[0]["targets"]}
+  assert met["DPO loss curves, fused vs materialised"]
+  assert met["GRPO loss curves, fused vs materialised"]
+  assert met["DPO held-out margin after"]
+
+
 def test_corrupt_shuffles_one_window():
   # "\nabcdefgh\n": inputs "\n" + line, targets line + "\n", then padding.
   line = np.arange(10, 18)
