@@ -16,7 +16,10 @@ download), with optax's Adam:
   top eigenvalue by power iteration;
 * a character-level transformer LM (Flax NNX) whose head is
   ``jsoft.linear_cross_entropy``, against optax's loss on materialised
-  logits (:mod:`bench.lm`).
+  logits (:mod:`bench.lm`);
+* ``python -m bench experiments post``, a run of its own: DPO and GRPO on
+  that LM, the fused post-training losses against the same losses on
+  materialised logits (:mod:`bench.post_experiments`).
 
 Writes a table to stdout and, on request, JSON and a PNG (loss curves,
 accuracy, step time).
@@ -24,6 +27,7 @@ accuracy, step time).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -353,8 +357,15 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] == "post":  # python -m bench experiments post ...
+    from bench import post_experiments  # noqa: PLC0415
+    return post_experiments.main(argv[1:])
   p = _plumbing.command("experiments", __doc__, plot=True,
                         quick="fewer steps: under a minute on 2 CPU cores")
+  p.epilog = ("python -m bench experiments post [--quick] [--json PATH] "
+              "[--plot PATH]: DPO and GRPO on the character LM, the fused "
+              "post-training losses against materialised logits")
   p.add_argument("--lm-plot", metavar="PATH",
                  help="write the language model's PNG")
   args = p.parse_args(argv)
