@@ -149,13 +149,20 @@ def _gather(block: Block, label: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The label's raw logit, and whether it is in the block and valid."""
   x = _raw(block)
   width = x.shape[-1]
-  local = label - block.first
-  present = (local >= 0) & (local < width)
-  at = jnp.clip(local, 0, width - 1)[..., None]
-  x_label = jnp.take_along_axis(x, at, axis=-1)[..., 0]
+  # Read as unsigned, a label left of the block wraps past its end: one
+  # compare says whether it is in the block, one min keeps the index in
+  # it, and the gather then needs no bounds handling of its own (a few ops
+  # per example, which count at small sizes).
+  local = lax.bitcast_convert_type(
+      jnp.asarray(label - block.first, jnp.int32), jnp.uint32)
+  present = local < width
+  at = jnp.minimum(local, width - 1)[..., None]
+  x_label = jnp.take_along_axis(x, at, axis=-1,
+                                mode="promise_in_bounds")[..., 0]
   if _masking(block) is not None:
     valid = jnp.broadcast_to(_spellings.kept(_masking(block)), x.shape)
-    present = present & jnp.take_along_axis(valid, at, axis=-1)[..., 0]
+    present = present & jnp.take_along_axis(
+        valid, at, axis=-1, mode="promise_in_bounds")[..., 0]
   return x_label, present
 
 
@@ -373,5 +380,6 @@ def finish(loss: jax.Array, target: Target) -> jax.Array:
   counted = target.has_loss
   if target.invalid is not None:
     loss = loss * (1 + nan_where(target.invalid, loss.dtype))
-    counted = counted | target.invalid
+    if counted is not None:
+      counted = counted | target.invalid
   return loss if counted is None else jnp.where(counted, loss, 0)

@@ -119,7 +119,11 @@ def _softmax_jvp(axis, primals, tangents):
   dx, _ = tangents
   y = _softmax(x, axis, where)
   # dy = y ⊙ (dx − Σ y·dx); masked entries have y = 0 and stay at 0.
-  return y, y * (dx - jnp.sum(y * dx, axis=axis, keepdims=True))
+  # Spelled y ⊙ dx + y·(−Σ y ⊙ dx), so that its transpose (the gradient)
+  # comes out as y ⊙ (ct − Σ y ⊙ ct), the negation on the per-slice sum:
+  # three ops per entry, not five.
+  p = y * dx
+  return y, p + y * -jnp.sum(p, axis=axis, keepdims=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -144,16 +148,20 @@ def _log_softmax_jvp(axis, primals, tangents):
 
 
 def _lse_weights(a, b, where, axis):
-  """Shared by logsumexp and its JVP: ``(c, e, s)``, ``s = Σ b·e^(a − c)``.
+  """Shared by logsumexp and its JVP: ``(c, e, s)``, ``s = Σ b·e^(a − c)``,
+  in float32 for 16-bit ``a``.
 
   Entries with ``b == 0`` carry no mass (as in ``jax.nn.logsumexp``), so a
-  large ``a`` there cannot swamp the shift.
+  large ``a`` there cannot swamp the shift. The max is taken on ``a`` as it
+  comes (the upcast is increasing, so it commutes with the max): each pass
+  then upcasts inside its own loop, and no float32 copy of ``a`` is stored.
   """
   if b is not None:
     where = (b != 0) if where is None else where & (b != 0)
   x = masked(a, where)
-  c = row_shift(x, axis)
-  e = jnp.exp(x - c)
+  ct = _checks.compute_dtype(x.dtype)
+  c = row_shift(x, axis).astype(ct)
+  e = jnp.exp(x.astype(ct) - c)
   s = jnp.sum(e if b is None else b * e, axis=axis, keepdims=True)
   return c, e, s
 
@@ -174,10 +182,11 @@ def _logsumexp_jvp(axis, primals, tangents):
   c, e, s = _lse_weights(a, b, where, axis)
   inv = 1 / jnp.where(s == 0, 1, s)  # s is signed when b is given
   q = e * inv  # e^(a − lse)·sign: the softmax when b is None.
+  da = da.astype(q.dtype)  # a (and so da) may be 16-bit: see _lse_weights
   d = q * da if b is None else q * (b * da)
   if b is not None:
     # ∂/∂b_i = e^(a_i − lse)·sign for every unmasked i, including b_i = 0.
-    x = masked(a, where)
+    x = masked(a, where).astype(c.dtype)
     q_all = jnp.exp(x - c) * inv
     d = d + q_all * db
   dout = jnp.sum(d, axis=axis, keepdims=True)
@@ -216,7 +225,8 @@ def _logsumexp_jit(a, axis, b, keepdims, return_sign, where):
   where = _checks.mask(where, shape, fn)
   _checks.finite(a, fn, "a", where)
   ct = _checks.compute_dtype(dtype)
-  a = jnp.broadcast_to(a, shape).astype(ct)
+  # a stays in its dtype: the kernel upcasts it (see _lse_weights).
+  a = jnp.broadcast_to(a, shape).astype(dtype)
   if b is not None:
     b = jnp.broadcast_to(b, shape).astype(ct)
   out, sign = _logsumexp(a, b, where, axes)

@@ -64,7 +64,8 @@ def from_sums(target: Target, shift: jax.Array, sums: Sums,
   counted = target.has_loss
   if target.invalid is not None:
     logprob = logprob + nan_where(target.invalid, logprob.dtype)
-    counted = counted | target.invalid
+    if counted is not None:
+      counted = counted | target.invalid
     correct = correct & ~target.invalid
   if target.has_loss is not None:
     correct = correct & target.has_loss

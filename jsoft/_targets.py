@@ -69,10 +69,12 @@ def integer(opts: Options, labels: jax.Array, entries: jax.Array | None,
   first = _collectives.first_class(ax, width)
   valid = (labels >= 0) & (labels < total)
   label = jnp.where(valid, labels, 0).astype(jnp.int32)
-  has_loss, invalid, keep = valid, ~valid, None
+  # Unmasked, every example has a loss (NaN for an invalid label): no
+  # per-example select to the rule.
+  has_loss, invalid, keep = None, ~valid, None
   taking_part = live(entries, rows)
   if taking_part is not None:
-    has_loss, invalid = has_loss & taking_part, invalid & taking_part
+    has_loss, invalid = valid & taking_part, invalid & taking_part
   if entries is not None and width:
     has_loss = has_loss & jnp.take_along_axis(entries, label[..., None],
                                               axis=-1)[..., 0]
