@@ -34,7 +34,15 @@ The drivers run them in :func:`jsoft._tiling.scan_tokens` and fold each
 * :func:`per_token`, the loss ``[N]``: the backward pass recomputes each
   tile and forms ``g`` from the per-token cotangents.
 
-Both skip the tiles past ``kept`` (ignored tokens gathered out:
+* :func:`two_pass`, any scalar function ``F`` of the per-token losses (a
+  preference loss of the sequences' sums): the forward pass runs the tiles
+  once for the losses, takes ``F`` and its gradient ``k = ∂F/∂L`` (one
+  coefficient per token), then runs :func:`reduced`'s forward with those
+  ``k``; the backward pass only scales (four matmuls per tile, where the
+  per-token driver's recompute under ``F`` also takes four but JAX
+  transposes its loop twice).
+
+All skip the tiles past ``kept`` (ignored tokens gathered out:
 :class:`jsoft._compaction.Compaction`), and every autodiff mode works
 (:mod:`jsoft._rules`).
 """
@@ -208,3 +216,65 @@ def per_token(rule: Any, tokens: int, h: jax.Array, w: jax.Array,
   ``kept`` rows are skipped (their loss is 0)."""
   static = Static(rule, tokens, len(per_token_operands), len(whole))
   return _token(static, h, w, b, kept, *per_token_operands, *whole)
+
+
+# ------------------------------------ any function of the per-token losses
+
+
+class TwoPass(NamedTuple):
+  static: Static  # the row rule and its tiling (no ``aux``)
+  objective: Any  # hashable: objective(losses [N], *args) -> (value, aux)
+  args: int  # how many arrays the objective takes after the losses
+
+
+def _two_pass_split(tp: TwoPass, operands):
+  cut = tp.static.count + tp.static.whole
+  return tuple(operands[:cut]), tuple(operands[cut:])
+
+
+def _two_pass_fwd(tp: TwoPass, h, w, b, kept, *operands):
+  ops, args = _two_pass_split(tp, operands)
+  losses = _token_fwd(tp.static, h, w, b, kept, *ops)[0]
+  value, pull, aux = jax.vjp(lambda x: tp.objective(x, *args), losses,
+                             has_aux=True)
+  # Each token's coefficient ∂F/∂L_n, known now that every loss is: the
+  # second pass forms and folds the gradient tiles as the reduced driver's.
+  (coef,) = pull(jnp.ones_like(value))
+  _, res = _reduced_fwd(tp.static, h, w, b, coef, kept, *ops)
+  return (value, jax.lax.stop_gradient(aux)), res
+
+
+def _two_pass_bwd(tp: TwoPass, res, ct):
+  grads, primals = res
+  ct = ct[0]  # the objective's aux gets no gradient
+  scaled = tiling.Grads(*(None if g is None else ct.astype(g.dtype) * g
+                          for g in grads))
+  return (*tiling.cast(scaled, *primals), None,
+          *([None] * (tp.static.count + tp.static.whole + tp.args)))
+
+
+def _two_pass_fun(tp: TwoPass, h, w, b, kept, *operands):
+  # Not differentiated: the first pass and the objective alone.
+  ops, args = _two_pass_split(tp, operands)
+  losses = _token_fwd(tp.static, h, w, b, kept, *ops)[0]
+  value, aux = tp.objective(losses, *args)
+  return value, jax.lax.stop_gradient(aux)
+
+
+_two_pass = _rules.vjp_rule(_two_pass_fun, _two_pass_fwd, _two_pass_bwd)
+
+
+def two_pass(rule: Any, tokens: int, h: jax.Array, w: jax.Array,
+             b: jax.Array | None, kept: jax.Array | None,
+             per_token_operands: tuple, whole: tuple, objective: Any,
+             args: tuple) -> tuple[jax.Array, Any]:
+  """``(F, aux) = objective(L, *args)`` of the per-token losses ``L``
+  ``[N]`` of ``rule`` over tiles of ``tokens`` rows of ``h`` (all classes
+  per tile), ``F`` a scalar differentiable in every mode with respect to
+  ``h``, ``w`` and ``b``: its gradients formed in the forward pass, with
+  ``∂F/∂L`` as :func:`reduced`'s coefficients. ``aux`` and ``args`` get no
+  gradient; ``kept`` as in :func:`reduced`."""
+  static = Static(rule, tokens, len(per_token_operands), len(whole))
+  args = tuple(None if a is None else jax.lax.stop_gradient(a) for a in args)
+  return _two_pass(TwoPass(static, objective, len(args)), h, w, b, kept,
+                   *per_token_operands, *whole, *args)

@@ -19,7 +19,11 @@ three). With a per-token ratio over tiles of tokens on one device's
 vocabulary, each ``c_t`` is known as soon as the token's row has been seen,
 so the policy loss is instead a row rule of the reduced driver
 (:mod:`jsoft._policy_head`): the gradient tile is formed in the forward
-pass, three matmuls per tile, as the cross-entropy head's.
+pass, three matmuls per tile, as the cross-entropy head's. A preference
+loss reduced over tiles of tokens on one device's vocabulary runs the tiles
+twice in its forward pass (:mod:`jsoft._preference_head`): the sequences'
+sums, then the gradient tiles with every ``c_t`` known (four matmuls per
+tile, the backward pass only scaling them).
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jsoft import _checks, _policy, _policy_head, _preference
+from jsoft import (
+  _checks,
+  _policy,
+  _policy_head,
+  _preference,
+  _preference_head,
+)
 from jsoft._linear_cross_entropy import linear_cross_entropy
 from jsoft._policy import PolicyStats
 from jsoft._preference import PreferenceStats
@@ -201,6 +211,16 @@ def _preference_jit(hidden, weight, tokens, where, bias, ref_chosen,
     raise ValueError(f"jsoft.{fn}: tokens must have shape [2, ..., T] "
                      f"(chosen, then rejected), got {tuple(tokens.shape)}.")
   where = _checks.mask(where, tokens.shape, fn)
+  hidden, weight, tokens, bias = _policy_head.checked(fn, hidden, weight,
+                                                      tokens, bias)
+  if _preference_head.applies(opts, tokens.size, weight.shape[1],
+                              head.tile_by, head.axis_name):
+    # A reduced loss over tiles of tokens: the sums, then the gradient
+    # tiles formed with each token's coefficient (four matmuls per tile,
+    # the backward pass only scales).
+    return _preference_head.preference_loss(head, opts, hidden, weight,
+                                            tokens, bias, where, ref_chosen,
+                                            ref_rejected)
   logprob = _logprobs(head, hidden, weight, tokens, bias, where)
   # Masked tokens have log-probability 0: the sums are over the completion.
   sums = jnp.sum(logprob, -1)
@@ -244,10 +264,17 @@ def linear_preference_loss(
     L = \texttt{preference\_loss}(\pi_w, \pi_l, \dots).
 
   Gradient: each pair's loss gives one number per sequence,
-  ``∂L/∂π``, which is every kept token's ``c_t``; the fused head's
-  backward pass forms ``−c_t(onehot(y_t) − p_t)/τ`` tile by tile. The
-  sequences' sums are needed before any ``c_t`` is known, so the head runs
-  its forward pass, then its backward pass (four matmuls per tile).
+  ``∂L/∂π``, which is every kept token's ``c_t``, and
+  ``∂L/∂z_t = −c_t(onehot(y_t) − p_t)/τ``, formed tile by tile. The
+  sequences' sums are needed before any ``c_t`` is known, so every tile is
+  seen twice: reduced (``"mean"``, ``"sum"``) over tiles of tokens
+  (``tile_by="tokens"``, or ``N ≥ V`` by default) without ``axis_name``,
+  both passes run in the forward pass — the sums (one matmul per tile),
+  then the gradient tiles, formed and folded while each tile's logits are
+  held (three) — and the backward pass only scales the folded gradients;
+  otherwise (``reduction="none"``, tiles of classes, a vocabulary-parallel
+  head) the head's backward pass recomputes each tile. Four matmuls per
+  tile either way; every autodiff mode works.
 
   Args:
     hidden: ``[2, ..., T, D]`` features: chosen, then rejected.

@@ -203,6 +203,107 @@ def test_preference_equals_the_loss_on_materialised_logits(name, loop):
   helpers.assert_same_value_and_vjp(fused, unfused, PAIR_H, W, B)
 
 
+# The reduced preference loss over tiles of tokens takes two passes in the
+# forward pass (the sums, then the gradient tiles with each token's
+# coefficient): 2 × 4 sequences × 130 tokens, so the kept ones are gathered
+# first, in tiles of 96 whose last overlaps the one before; ragged
+# completions, one empty, NaN features outside the completions.
+TWO_T = 130
+TWO_H = rng.normal(size=(2, 4, TWO_T, D))
+TWO_Y = rng.integers(0, V, size=(2, 4, TWO_T))
+TWO_MASK = np.arange(TWO_T) < rng.integers(30, TWO_T, size=(2, 4))[..., None]
+TWO_MASK[..., :12] = False  # the prompt
+TWO_MASK[1, 2] = False  # an empty rejected completion
+TWO_REFS = dict(ref_chosen_logps=np.array([-200.0, -150.0, -90.0, -160.0]),
+                ref_rejected_logps=np.array([-210.0, -120.0, 0.0, -170.0]))
+TWO = {
+    "dpo_smoothed": dict(loss_type="sigmoid", beta=0.02, label_smoothing=0.1,
+                         **TWO_REFS),
+    "robust": dict(loss_type="robust", beta=0.05, label_smoothing=0.2,
+                   reduction="sum", **TWO_REFS),
+    "ipo": dict(loss_type="ipo", beta=0.5, **TWO_REFS),
+    "hinge": dict(loss_type="hinge", beta=0.1, reduction="sum", **TWO_REFS),
+    "simpo": dict(loss_type="simpo", beta=2.0, gamma=0.3),
+    "orpo": dict(loss_type="orpo", orpo_lambda=0.5, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWO))
+def test_preference_two_passes_equal_materialised_logits(name):
+  kw = TWO[name]
+  tau, cap = 0.8, 3.0
+
+  def fused(h, w, b):
+    h = jnp.where(TWO_MASK[..., None], h, np.nan)  # NaN stays out
+    return jsoft.linear_preference_loss(
+        h, w, TWO_Y, where=TWO_MASK, bias=b, temperature=tau,
+        logit_soft_cap=cap, tile_by="tokens", chunk_size=96, **kw)
+
+  def unfused(h, w, b):
+    logp = jax.nn.log_softmax(cap * jnp.tanh((h @ w + b) / cap) / tau)
+    lp = jnp.take_along_axis(logp, TWO_Y[..., None], -1)[..., 0]
+    sums = jnp.sum(jnp.where(TWO_MASK, lp, 0), -1)
+    more = {}
+    if name in ("simpo", "orpo"):
+      n = TWO_MASK.sum(-1).astype(float)
+      more = dict(chosen_lengths=n[0], rejected_lengths=n[1])
+    return jsoft.preference_loss(sums[0], sums[1], **kw, **more)
+
+  helpers.assert_same_value_and_vjp(fused, unfused, TWO_H, W, B)
+  # Forward mode (the rule's JVP is its VJP transposed) and a
+  # Hessian-vector product (the forward pass differentiated).
+  tangents = tuple(rng.normal(size=np.shape(x)) for x in (TWO_H, W, B))
+  got = jax.jvp(lambda *a: fused(*a)[0], (TWO_H, W, B), tangents)
+  want = jax.jvp(lambda *a: unfused(*a)[0], (TWO_H, W, B), tangents)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+  def hvp(f):
+    grad = jax.grad(lambda *a: f(*a)[0], argnums=(0, 1, 2))
+    return jax.jvp(grad, (TWO_H, W, B), tangents)[1]
+
+  for g, want in zip(hvp(fused), hvp(unfused), strict=True):
+    np.testing.assert_allclose(g, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("vma", [True, False])
+def test_preference_two_passes_inside_shard_map(vma):
+  # Data-parallel over the pairs: each device's loss and gradients equal
+  # the same call on its pair on one device.
+  mesh = Mesh(np.array(jax.devices()[:4]), ("dp",))
+  kw = dict(loss_type="sigmoid", beta=0.02, tile_by="tokens", chunk_size=96)
+  refs = (TWO_REFS["ref_chosen_logps"], TWO_REFS["ref_rejected_logps"])
+  data = (TWO_Y, TWO_MASK, *refs)
+
+  def local(h, w, y, mask, ref_c, ref_r):
+    loss, stats = jsoft.linear_preference_loss(
+        h, w, y, where=mask, ref_chosen_logps=ref_c,
+        ref_rejected_logps=ref_r, **kw)
+    return loss[None], stats.margin[None]
+
+  pair, ref = P(None, "dp"), P("dp")
+  step = helpers.shard_map(local, mesh=mesh,
+                           in_specs=(pair, P(), pair, pair, ref, ref),
+                           out_specs=(ref, ref), check_vma=vma)
+  sharded = jax.jit(lambda h, w: step(h, w, *data))
+
+  def one(h, w):
+    parts = [local(h[:, i:i + 1], w, TWO_Y[:, i:i + 1],
+                   TWO_MASK[:, i:i + 1], refs[0][i:i + 1], refs[1][i:i + 1])
+             for i in range(4)]
+    return tuple(jnp.concatenate(p) for p in zip(*parts, strict=True))
+
+  helpers.assert_same_value_and_vjp(sharded, one, TWO_H, W, rtol=1e-12,
+                                    vjp_rtol=1e-11)
+
+
+def test_two_passes_check_the_references_shape():
+  with pytest.raises(ValueError, match=r"ref_chosen_logps must have shape "
+                     r"\(4,\) \(one per pair\), got \(3,\)"):
+    jsoft.linear_preference_loss(TWO_H, W, TWO_Y, where=TWO_MASK,
+                                 tile_by="tokens", ref_chosen_logps=np.zeros(3),
+                                 ref_rejected_logps=np.zeros(4))
+
+
 def test_pairs_must_lead_with_an_axis_of_two():
   with pytest.raises(ValueError, match=r"\[2, \.\.\., T\]"):
     jsoft.linear_preference_loss(H, W, Y, where=MASK)
@@ -290,3 +391,10 @@ def test_fused_heads_hold_under_a_sixteenth_of_the_logits_temp():
   fused = temp(lambda h, w: preference(h, w, True))
   unfused = temp(lambda h, w: preference(h, w, False))
   assert fused <= unfused / 16, (fused, unfused)
+  # Its second pass is the reduced CE head's loop, and its backward pass
+  # only scales: no more temp than that head on the same tokens (8.1 MiB
+  # against 10.1; the per-token head's recompute took 18.2).
+  head = temp(lambda h, w: jsoft.linear_cross_entropy(
+      h, w, y, where=mask, tile_by="tokens", reduction="mean"))
+  assert temp(lambda h, w: jsoft.linear_preference_loss(
+      pairs(h), w, pairs(y), where=pairs(mask), tile_by="tokens")[0]) <= head
