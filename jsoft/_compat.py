@@ -97,14 +97,30 @@ def barrier(x: jax.Array) -> jax.Array:
   return lax.optimization_barrier(x) if _barrier_differentiable() else x
 
 
-def matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
-  """``a @ b`` accumulated in ``acc`` (``preferred_element_type``)."""
+def _loop_operands(a: jax.Array, b: jax.Array, acc: Any):
   if (_BF16_LOOP_DOT_FAILS and jax.default_backend() == "cpu"
       and jnp.bfloat16 in (a.dtype, b.dtype)):
     # jaxlib 0.7.1 – 0.10.0: XLA:CPU cannot compile a bfloat16 dot inside a
     # loop; the operands widened to ``acc`` give the same products.
     a, b = a.astype(acc), b.astype(acc)
+  return a, b
+
+
+def matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+  """``a @ b`` accumulated in ``acc`` (``preferred_element_type``)."""
+  a, b = _loop_operands(a, b, acc)
   return jnp.matmul(a, b, preferred_element_type=acc)
+
+
+def matmul_t(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+  """``a @ bᵀ`` (``a``: ``[r, k]``, ``b``: ``[n, k]``) accumulated in
+  ``acc``: one product contracting both last axes, with no ``bᵀ`` in the
+  program. Spelled ``a @ b.T``, JAX's transposes of a rule's loop (the
+  reverse mode of :mod:`jsoft._rules`) can leave ``bᵀ`` an array of its
+  own: a transposed copy of the head's ``W`` per tile, or once beside it."""
+  a, b = _loop_operands(a, b, acc)
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                             preferred_element_type=acc)
 
 
 class MetadataContext:

@@ -335,7 +335,7 @@ def fold(g: jax.Array, ht: jax.Array, w: jax.Array,
   ``(dh, dW, db)`` shares ``(g wᵀ, hᵀ g, Σ_r g)`` in ``acc``. ``ht`` is
   the tile's ``hᵀ`` (:func:`transposed`)."""
   g_in = g.astype(w.dtype)
-  return (_compat.matmul(g_in, w.T, acc), _compat.matmul(ht, g_in, acc),
+  return (_compat.matmul_t(g_in, w, acc), _compat.matmul(ht, g_in, acc),
           jnp.sum(g, axis=0))
 
 

@@ -241,6 +241,24 @@ def test_default_tile_keeps_the_fused_head_under_a_sixteenth():
   assert temp <= 4 * n * v / 16
 
 
+def test_reduced_token_head_holds_no_transposed_weight():
+  # Each tile's dh = g·Wᵀ is one product contracting both operands' last
+  # axes (jsoft._compat.matmul_t). Spelled g @ W.T, XLA kept Wᵀ as an array
+  # of its own beside dW here: 68.0 MiB against a bound of 41.0 (36.0 now).
+  n, d, v = 1024, 256, 32768
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w):
+    return jsoft.linear_cross_entropy(h, w, y, reduction="mean",
+                                      tile_by="tokens")
+
+  chunk = tiling.token_tile(n, v)
+  temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
+  assert temp <= _fused_bound(n, d, v, chunk, scalar=True, by_tokens=True)
+  assert temp < 4 * d * v * 2  # dW, and no second [D, V] array
+
+
 def test_overlapping_class_tile_costs_no_more_than_one_that_divides():
   # Where the class tile does not divide V the last tile overlaps the one
   # before: its columns are masked by a bias that fuses into the passes
