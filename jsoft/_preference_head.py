@@ -43,13 +43,18 @@ class Pairs(NamedTuple):
   preference loss of the per-token cross-entropies ``−log p_t`` (0 on the
   tokens outside the completions), with its :class:`PreferenceStats`."""
   opts: _preference.Preference
-  pairs: int  # B, the pairs (each sequence index in [0, 2B))
+  pairs: int  # B
   fn: str
 
-  def __call__(self, losses, sequence, ref_chosen, ref_rejected, lengths):
-    sums = jax.ops.segment_sum(-losses, sequence,
-                               num_segments=2 * self.pairs)
-    sums = sums.reshape(2, self.pairs)
+  def __call__(self, losses, back, ref_chosen, ref_rejected, lengths):
+    # Back in the sequences' order (``back``: the inverse of the gather
+    # that put the kept tokens first), each row summed as the unfused loss
+    # sums it: float32 sums of a thousand log-probabilities taken in
+    # another order differ in their last digits, which a preference loss
+    # of their differences magnifies.
+    if back is not None:
+      losses = losses[back]
+    sums = -jnp.sum(losses.reshape(2, self.pairs, -1), axis=-1)
     per_length = (None, None) if lengths is None else (lengths[0],
                                                        lengths[1])
     c, r, rc, rr, mask = _preference.operands(
@@ -88,13 +93,11 @@ def preference_loss(head: Any, opts: _preference.Preference, hidden, weight,
   lmap = logit_map(head.logit_soft_cap, head.temperature)
   target, _ = _targets.integer(_options.Options(lmap=lmap), labels, None,
                                keep, None, vocab, acc)
-  sequence = jnp.repeat(jnp.arange(2 * pairs, dtype=jnp.int32), batch[-1])
-  kept = None
+  kept, back = None, None
   if n >= _compaction.COMPACT_MIN_TOKENS:
     compaction = _compaction.Compaction.of(keep)
-    h, kept = compaction.gather(h), compaction.count
+    h, kept, back = compaction.gather(h), compaction.count, compaction.back
     target = type(target)(*map(compaction.gather, target))
-    sequence = compaction.gather(sequence)
   lengths = None
   if opts.loss_type in _preference.NO_REFERENCE:
     lengths = jnp.sum(where, -1).astype(acc).reshape(2, pairs)
@@ -109,7 +112,7 @@ def preference_loss(head: Any, opts: _preference.Preference, hidden, weight,
     refs.append(x)
   loss, stats = _drivers.two_pass(
       Rows(lmap, 0.0, numbers), size, h, weight, bias, kept, arrays, (None,),
-      Pairs(opts, pairs, fn), (sequence, *refs, lengths))
+      Pairs(opts, pairs, fn), (back, *refs, lengths))
   shape = batch[1:-1]
   return loss, stats._replace(
       chosen_rewards=stats.chosen_rewards.reshape(shape),
