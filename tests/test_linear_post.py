@@ -182,6 +182,17 @@ PAIR_MASK[:, :, :2] = False  # the prompt
 PAIR_MASK[1, 0, 4] = False   # a shorter rejected completion
 
 
+def composed_preference(lp, mask, name, kw):
+  """``preference_loss`` of the sums of ``lp`` over each completion's kept
+  tokens (``[2, ..., T]``, chosen first); SimPO and ORPO get the lengths."""
+  sums = jnp.sum(jnp.where(mask, lp, 0), -1)
+  more = {}
+  if name in ("simpo", "orpo"):
+    n = mask.sum(-1).astype(float)
+    more = dict(chosen_lengths=n[0], rejected_lengths=n[1])
+  return jsoft.preference_loss(sums[0], sums[1], **kw, **more)
+
+
 @pytest.mark.parametrize("loop", sorted(LOOPS))
 @pytest.mark.parametrize("name", sorted(PREFERENCE))
 def test_preference_equals_the_loss_on_materialised_logits(name, loop):
@@ -192,13 +203,8 @@ def test_preference_equals_the_loss_on_materialised_logits(name, loop):
                                         bias=b, **LOOPS[loop], **kw)
 
   def unfused(h, w, b):
-    lp, _ = token_stats(h, w, b, PAIR_Y)
-    sums = jnp.sum(jnp.where(PAIR_MASK, lp, 0), -1)
-    more = {}
-    if name in ("simpo", "orpo"):
-      n = PAIR_MASK.sum(-1).astype(float)
-      more = dict(chosen_lengths=n[0], rejected_lengths=n[1])
-    return jsoft.preference_loss(sums[0], sums[1], **kw, **more)
+    return composed_preference(token_stats(h, w, b, PAIR_Y)[0], PAIR_MASK,
+                               name, kw)
 
   helpers.assert_same_value_and_vjp(fused, unfused, PAIR_H, W, B)
 
@@ -242,12 +248,7 @@ def test_preference_two_passes_equal_materialised_logits(name):
   def unfused(h, w, b):
     logp = jax.nn.log_softmax(cap * jnp.tanh((h @ w + b) / cap) / tau)
     lp = jnp.take_along_axis(logp, TWO_Y[..., None], -1)[..., 0]
-    sums = jnp.sum(jnp.where(TWO_MASK, lp, 0), -1)
-    more = {}
-    if name in ("simpo", "orpo"):
-      n = TWO_MASK.sum(-1).astype(float)
-      more = dict(chosen_lengths=n[0], rejected_lengths=n[1])
-    return jsoft.preference_loss(sums[0], sums[1], **kw, **more)
+    return composed_preference(lp, TWO_MASK, name, kw)
 
   helpers.assert_same_value_and_vjp(fused, unfused, TWO_H, W, B)
   # Forward mode (the rule's JVP is its VJP transposed) and a
