@@ -33,7 +33,7 @@ from jsoft import (
   _targets,
 )
 from jsoft import _tiling as tiling
-from jsoft._linear_cross_entropy import Rows
+from jsoft._linear_cross_entropy import Rows, _by_tokens
 from jsoft._softcap import logit_map
 
 
@@ -67,8 +67,8 @@ def applies(opts: _preference.Preference, n: int, vocab: int, tile_by,
             axis_name) -> bool:
   """Whether :func:`preference_loss` takes the loss: a reduced loss, one
   device's whole vocabulary, tiles of tokens (asked for, or ``N ≥ V``)."""
-  by_tokens = n >= vocab if tile_by is None else tile_by == "tokens"
-  return opts.reduction != "none" and axis_name is None and by_tokens
+  return (opts.reduction != "none" and axis_name is None
+          and _by_tokens(tile_by, n, vocab))
 
 
 def preference_loss(head: Any, opts: _preference.Preference, hidden, weight,
