@@ -123,6 +123,15 @@ def _raw(block: Block) -> jax.Array:
   return block.logits.astype(_checks.compute_dtype(block.logits.dtype))
 
 
+def _dense(block: Block) -> Any:
+  """The block's dense target in the compute dtype: a 16-bit one (see
+  :func:`jsoft._targets.narrow_float`) is cast where each pass reads it."""
+  u = block.dense
+  if getattr(u, "dtype", None) is not None and jnp.dtype(u.dtype).itemsize == 2:
+    u = u.astype(_checks.compute_dtype(u.dtype))
+  return u
+
+
 def block_max(block: Block, lmap: LogitMap | None,
               label: jax.Array | None = None) -> jax.Array:
   """The block's row max of ``x̃`` (no gradient), at least the most
@@ -211,8 +220,8 @@ def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
   x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    d = _dense_sum(block.dense, _spellings.shifted(x, c, _masking(block), lmap,
-                                                _spellings.SECOND))
+    z2 = _spellings.shifted(x, c, _masking(block), lmap, _spellings.SECOND)
+    d = _dense_sum(_dense(block), z2)
   h = None
   if entropy:
     h = jnp.sum(e * -_finite(z), axis=-1)
@@ -281,7 +290,7 @@ def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
   log_s = jnp.log(mass(s) if exact else s)
   if not _spellings.one_kernel(x.size // max(x.shape[-1], 1)):
     z = _spellings.shifted(x, c, None, lmap, _spellings.SECOND)
-  terms = block.dense * (log_s - z)
+  terms = _dense(block) * (log_s - z)
   if exact:
     terms = jnp.where(block.dense == 0, 0, terms)
   loss = jnp.sum(terms, axis=-1)
@@ -296,7 +305,8 @@ def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
 
 def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
                label: jax.Array | None, keep: jax.Array | None,
-               ct: Sums, exp: jax.Array | None = None
+               ct: Sums, exp: jax.Array | None = None,
+               for_transpose: bool = False
                ) -> tuple[jax.Array, jax.Array | None]:
   """The VJP of :func:`block_sums`: ``(∂/∂logits, ∂/∂dense)``.
 
@@ -305,7 +315,9 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
   dense target is broadcast over the examples (then a constant). Examples
   outside ``keep`` get an exact 0, whatever their logits hold. ``exp``:
   the forward's ``e^z``, if it kept them (the plain driver), else they are
-  recomputed (the fused head's tiles).
+  recomputed (the fused head's tiles). ``for_transpose``: JAX transposes
+  this function (the plain driver's rule in reverse mode, see
+  :mod:`jsoft._rules`), so the label's term is spelled for its transpose.
   """
   gap, slope = _spellings.gap_with_slope(_raw(block), shift[..., None],
                                         _masking(block), lmap)
@@ -315,11 +327,18 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
     # ∂(e^z·(−z))/∂z = −e^z·(1 + z), with z = −gap clamped (0 at −inf).
     g = g - (e * (1 + _finite(-gap))) * ct.entropy[..., None]
   if block.dense is not None:
-    g = g - ct.dense[..., None] * block.dense
+    g = g - ct.dense[..., None] * _dense(block)
   if label is not None:
     cols = lax.broadcasted_iota(jnp.int32, gap.shape, gap.ndim - 1)
-    g = jnp.where(cols == (label - block.first)[..., None],
-                  g + ct.label[..., None], g)
+    hit = cols == (label - block.first)[..., None]
+    if for_transpose:
+      # A select against 0, added: its transpose is one select and one add
+      # per logit, where the transpose of a select between g + ct and g is
+      # two of each (which costs a tiny call XLA CPU's inline dispatch).
+      g = g + jnp.where(hit, ct.label[..., None], 0)
+    else:
+      # (Run as written, this spelling holds less in the fused heads' tiles.)
+      g = jnp.where(hit, g + ct.label[..., None], g)
   if slope is not None:
     g = g * slope
   if keep is not None:

@@ -91,7 +91,9 @@ def _with_mass(target: Target, dense: Any) -> Target:
   the caller left it to the driver (None)."""
   if target.dense_mass is not None or dense is None:
     return target
-  return target._replace(dense_mass=jnp.sum(dense, axis=-1))
+  # A 16-bit target (see jsoft._targets.narrow_float) is summed in float32.
+  wide = jnp.float32 if jnp.dtype(dense.dtype).itemsize == 2 else None
+  return target._replace(dense_mass=jnp.sum(dense, axis=-1, dtype=wide))
 
 
 def _forward(lmap, z_loss, block, target):
@@ -153,11 +155,12 @@ def _row_bwd(static, res: RowResiduals, ct):
   ct_sums, ct_mass = jax.vjp(
       by_sums, *_collectives.varying_tree((sums, mass_in), ct))[1](ct)
   g, g_dense = _loss_rule.block_grad(lmap, block, shift, target.label,
-                                     target.keep, ct_sums, res.exp)
+                                     target.keep, ct_sums, res.exp,
+                                     for_transpose=True)
   g = _collectives.summed_like(g, logits).astype(logits.dtype)
   if g_dense is not None:
     if lazy:
-      g_dense = g_dense + ct_mass
+      g_dense = g_dense + ct_mass.astype(g_dense.dtype)
       if target.keep is not None:
         g_dense = jnp.where(target.keep[..., None], g_dense, 0)
     g_dense = _collectives.summed_like(g_dense, dense).astype(dense.dtype)
@@ -211,7 +214,7 @@ def _sums_bwd(static, res: SumsResiduals, ct):
   lmap, _ = static
   block = res.block
   g, g_dense = _loss_rule.block_grad(lmap, block, res.shift, res.label,
-                                     res.keep, ct, res.exp)
+                                     res.keep, ct, res.exp, for_transpose=True)
   g = _collectives.summed_like(g, block.logits).astype(block.logits.dtype)
   if g_dense is not None:
     g_dense = _collectives.summed_like(g_dense, block.dense).astype(
