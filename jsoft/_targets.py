@@ -113,6 +113,17 @@ def smoothing(scale: Any, weights: jax.Array | None,
   return w * (scale if isinstance(scale, float) else scale[..., None])
 
 
+def narrow_float(dtype, compute) -> bool:
+  """Whether a target of ``dtype`` can stay as it is on a computation in
+  ``compute`` (float32): a 16-bit float, which every product with a
+  float32 operand promotes exactly. Left unconverted, it is read at its own
+  width, and a ``lax.cond`` that takes it as an operand stores no float32
+  copy of it."""
+  return (jnp.dtype(compute) == jnp.float32
+          and jnp.issubdtype(dtype, jnp.floating)
+          and jnp.dtype(dtype).itemsize == 2)
+
+
 def probability(opts: Options, labels: jax.Array, entries: jax.Array | None,
                 rows: jax.Array | None, dtype) -> tuple[Target, jax.Array]:
   """The probability-label :class:`Target` and ``u = (1 − ε)·t + ε/C'``
@@ -124,12 +135,14 @@ def probability(opts: Options, labels: jax.Array, entries: jax.Array | None,
   plain driver (None), which sums ``u`` only where it needs it.
   """
   ax = opts.axis_name
-  t = labels.astype(dtype)
+  t = labels
+  if not (opts.smoothing == 0 and narrow_float(labels.dtype, dtype)):
+    t = labels.astype(dtype)
   if entries is not None:
     t = jnp.where(entries, t, 0)
   mass = None
   if ax is not None or opts.smoothing:
-    mass = _collectives.psum(jnp.sum(t, axis=-1), ax)
+    mass = _collectives.psum(jnp.sum(t, axis=-1, dtype=dtype), ax)
   u = t
   if opts.smoothing:
     count = _class_count(entries, t.shape[-1] * _collectives.num_shards(ax),

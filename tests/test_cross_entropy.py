@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.special as sp
 
 import jsoft
 from tests import helpers
@@ -192,6 +193,31 @@ class TestIntegerLabels:
         np.asarray(g, np.float64),
         helpers.ce_int_grad(np.asarray(x, np.float64), y),
         atol=float(jnp.finfo(dtype).eps))
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_half_precision_targets_past_the_small_call_spelling(self, dtype):
+    # Over 2^16 logits the forward is the one-pass sum with its NaN
+    # fallback, and a 16-bit target enters both unconverted: the values,
+    # the fallback (a zero target on a -inf logit in row 0) and both
+    # gradients must still be float32-exact.
+    x = _rng(38).normal(scale=4, size=(300, 257))
+    x[0, 5] = -np.inf
+    t = _rng(39).dirichlet(np.ones(257), size=300)
+    t[0, 5] = 0.0
+    x, t = jnp.asarray(x, dtype), jnp.asarray(t, dtype)
+    x64, t64 = np.asarray(x, np.float64), np.asarray(t, np.float64)
+    out = prob_ce(x, t)
+    assert out.dtype == F32
+    with np.errstate(invalid="ignore", divide="ignore"):
+      expected, logp = helpers.ce_prob(x64, t64), sp.log_softmax(x64, axis=-1)
+    assert helpers.rel_err(out, expected) < 1e-5
+    gx, gt = jax.grad(lambda x, t: jnp.sum(prob_ce(x, t)), (0, 1))(x, t)
+    assert gx.dtype == gt.dtype == dtype
+    np.testing.assert_allclose(np.asarray(gx, np.float64),
+                               helpers.ce_prob_grad(x64, t64), atol=1e-2)
+    finite = np.isfinite(logp)
+    np.testing.assert_allclose(np.asarray(gt, np.float64)[finite],
+                               -logp[finite], rtol=1e-2)
 
   def test_float32_over_100k_classes(self):
     x = jnp.asarray(_rng(12).normal(scale=3, size=(4, 100_000)), F32)
