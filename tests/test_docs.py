@@ -51,6 +51,10 @@ def test_readme_headline_table_is_the_results_file():
       "headline", DOCS / "ext" / "headline.py")
   headline = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(headline)
-  readme = headline.in_readme(headline.README.read_text())
+  text = headline.README.read_text()
+  readme = headline.in_readme(text)
   assert readme == headline.generated()
   assert "| `ce_int_4096x32000_float32_vg` |" in readme
+  sweep = headline.in_readme(text, "sweep")
+  assert sweep == headline.generated("sweep")
+  assert "| `linear_cross_entropy`, classes | 32768×128×8192 |" in sweep

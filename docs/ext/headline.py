@@ -1,9 +1,11 @@
-"""The README's headline table, generated from a committed results file.
+"""The README's figures, generated from committed results files.
 
-``python docs/ext/headline.py`` rewrites the table between the README's
-``headline`` markers from ``bench/results/default_cpu.json``;
-``tests/test_docs.py`` fails when the README's table and the file differ,
-so the README holds no figure typed by hand.
+``python docs/ext/headline.py`` rewrites the tables between the README's
+markers: ``headline`` from ``bench/results/default_cpu.json``, ``sweep``
+(what ignored tokens cost in the fused heads) from
+``bench/results/sweep_cpu.json``. ``tests/test_docs.py`` fails when a
+README table and its file differ, so the README holds no figure typed by
+hand.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import json
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "bench" / "results" / "default_cpu.json"
+RESULTS = ROOT / "bench" / "results"
+SOURCE = RESULTS / "default_cpu.json"
+SWEEP = RESULTS / "sweep_cpu.json"
 README = ROOT / "README.md"
-BEGIN, END = "<!-- headline:begin -->", "<!-- headline:end -->"
 PEERS = [("optax", "optax"), ("jax.nn", "jax.nn"), ("torch", "PyTorch")]
 
 
@@ -52,20 +55,66 @@ def table(data: dict) -> str:
   return "\n".join(lines)
 
 
-def generated() -> str:
-  return table(json.loads(SOURCE.read_text()))
+def sweep_table(data: dict) -> str:
+  """Markdown: per fused head, loop and shape, the time at each kept
+  fraction ``k`` ÷ the time with every token kept (the slower of the two
+  patterns, first ``k·N`` or random), and ``ignore_index`` with nothing
+  ignored ÷ no ``ignore_index``."""
+  m, sweep = data["machine"], data["options"]["sweep"]
+  kept = [k for k in sweep["kept"] if k < 1]
+  lines = [
+      f"`python -m bench options --only sweep`, {m['date']}, {m['cpu']} "
+      f"({m['cores']} cores, {m['backend']}), jax {m['jax']}, "
+      "`value_and_grad` of the mean: time with a fraction `k` of the tokens "
+      "kept ÷ time with all kept (the slower of the first `k·N` and a "
+      f"random `k·N`; target `k + {sweep['slack']:.2f}`), and "
+      "`ignore_index` with nothing ignored ÷ the call without it (target "
+      f"{sweep['overhead_target']:.2f}).",
+      "",
+      "| head, loop | N×D×V | " + " | ".join(f"k={k:g}" for k in kept)
+      + " | nothing ignored |",
+      "|---|---|" + "---|" * (len(kept) + 1),
+  ]
+  for over in sweep["overhead"]:
+    dims = (over["n"], over["d"], over["v"])
+    rows = [r for r in sweep["rows"] if (r["n"], r["d"], r["v"]) == dims
+            and r["head"] == over["head"] and r["loop"] == over["loop"]]
+    cells = [f"{max(r['ratios'][f'{k:g}'] for r in rows):.2f}" for k in kept]
+    lines.append(f"| `{over['head']}`, {over['loop']} | "
+                 f"{'×'.join(map(str, dims))} | " + " | ".join(cells)
+                 + f" | {over['ratio']:.3f} |")
+  return "\n".join(lines)
 
 
-def in_readme(text: str) -> str:
-  """The README's table: the text between the markers."""
-  return text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+BLOCKS = {  # marker name: (the generator of its text, its source)
+    "headline": (table, SOURCE),
+    "sweep": (sweep_table, SWEEP),
+}
+
+
+def _markers(name: str) -> tuple[str, str]:
+  return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def generated(name: str = "headline") -> str:
+  make, source = BLOCKS[name]
+  return make(json.loads(source.read_text()))
+
+
+def in_readme(text: str, name: str = "headline") -> str:
+  """A README table: the text between its markers."""
+  begin, end = _markers(name)
+  return text.split(begin, 1)[1].split(end, 1)[0].strip()
 
 
 def main() -> None:
   text = README.read_text()
-  head, rest = text.split(BEGIN, 1)
-  tail = rest.split(END, 1)[1]
-  README.write_text(f"{head}{BEGIN}\n{generated()}\n{END}{tail}")
+  for name in BLOCKS:
+    begin, end = _markers(name)
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    text = f"{head}{begin}\n{generated(name)}\n{end}{tail}"
+  README.write_text(text)
 
 
 if __name__ == "__main__":
