@@ -52,7 +52,7 @@ from bench import _plumbing, flax_models, lm, post_report, report
 # The model's size, then the SFT, DPO and GRPO runs.
 QUICK = {"context": 32, "d_model": 32, "heads": 2, "layers": 1,
          "sft_steps": 20, "sft_lr": 1e-2, "batch": 8, "window": 6,
-         "min_chars": 16, "beta": 0.1, "dpo_steps": 4, "dpo_lr": 1e-3,
+         "min_chars": 16, "beta": 0.1, "dpo_steps": 8, "dpo_lr": 1e-3,
          "prompt": 8, "completion": 8, "prompts": 2, "group": 4,
          "grpo_batches": 2, "updates": 2, "grpo_lr": 1e-3, "kl_coef": 0.04,
          "eval_prompts": 4}

@@ -57,7 +57,7 @@ def test_dpo_fused_and_materialised_agree(run):
   assert dpo["max_curve_difference"] <= 1e-5
   after = (dpo["held_out"]["after, fused"],
            dpo["held_out"]["after, materialised"])
-  # After four quick steps the held-out margin is ~2e-3, a difference of
+  # After eight quick steps the held-out margin is ~2e-3, a difference of
   # sequence log-probabilities of ~100 nats each; Adam's normalised update
   # turns float32 rounding in near-zero gradient entries into parameter
   # differences of a few 1e-8, which move such a small margin by ~1e-3 of
