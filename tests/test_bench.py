@@ -4,7 +4,10 @@ No timing assertions: only that every case, peer, metric and output file
 is produced, and that the overflow check tells the naive formulas apart.
 """
 
+import contextlib
+import io
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -225,6 +228,37 @@ def test_sizes_runs_every_kernel_and_writes_the_heat_map(tmp_path,
   saved = json.loads((tmp_path / "s.json").read_text())
   assert saved["machine"]["jax"] == jax.__version__
   assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sizes_second_look_pools_the_rounds_of_cells_off_either_side():
+  # Seconds per round: jsoft 1.0 each time, the peer 0.8 (ratio 0.8, off
+  # below), 1.2 (off above) or 1.0 (inside the band: not looked at again).
+  def cell(peer):
+    return sizes.summary({"jsoft": [1.0, 1.0, 1.0], "optax": peer})
+
+  low, high, inside = cell([0.8] * 3), cell([1.2] * 3), cell([1.0] * 3)
+  assert sizes.looks_off(low) and sizes.looks_off(high)
+  assert not sizes.looks_off(inside)
+  again = sizes.summary({"jsoft": [1.0, 2.0], "optax": [1.0, 2.0]})
+  looked = sizes.second_look(low, again)
+  # Five rounds pooled: ratios 0.8, 0.8, 0.8, 1.0, 1.0, median 0.8.
+  assert looked["first_ratio"] == {"optax": pytest.approx(0.8)}
+  assert looked["ratio"]["optax"] == pytest.approx(0.8)
+  assert looked["seconds"]["jsoft"] == [1.0, 1.0, 1.0, 1.0, 2.0]
+  assert looked["ms"]["jsoft"] == pytest.approx(1000.0)
+  looked = sizes.second_look(low, sizes.summary(
+      {"jsoft": [1.0] * 4, "optax": [1.0] * 4}))
+  assert looked["ratio"]["optax"] == pytest.approx(1.0)  # 7 rounds: 4 at 1
+
+
+def test_sizes_committed_text_is_the_committed_json():
+  # The text table is drawn from the JSON: regenerated with it, or stale.
+  results = pathlib.Path(__file__).parent.parent / "bench" / "results"
+  saved = json.loads((results / "sizes_cpu.json").read_text())
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    sizes.show(saved)
+  committed = (results / "sizes_cpu.txt").read_text()
+  assert committed.startswith(out.getvalue())
 
 
 def test_memory_sweep_writes_table_and_chart(tmp_path, monkeypatch, capsys):
