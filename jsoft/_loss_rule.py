@@ -281,14 +281,18 @@ def direct_loss(lmap: LogitMap | None, block: Block, target: Target,
   if exact:
     shift = lax.stop_gradient(block_max(block, lmap))
   else:
-    shift = lax.stop_gradient(jnp.max(x, axis=-1))
+    # The max of 16-bit logits is exact in their own width: read at it.
+    shift = lax.stop_gradient(
+        jnp.max(block.logits, axis=-1).astype(x.dtype))
     if lmap is not None:
       shift = apply(shift, lmap)
   c = shift[..., None]
   z = _spellings.shifted(x, c, None, lmap)
   s = jnp.sum(jnp.exp(z), axis=-1, keepdims=True)
   log_s = jnp.log(mass(s) if exact else s)
-  if not _spellings.one_kernel(x.size // max(x.shape[-1], 1)):
+  # (16-bit logits: the shared z, see jsoft._spellings.)
+  if (not _spellings.one_kernel(x.size // max(x.shape[-1], 1))
+      and x.dtype == block.logits.dtype):
     z = _spellings.shifted(x, c, None, lmap, _spellings.SECOND)
   terms = _dense(block) * (log_s - z)
   if exact:

@@ -30,7 +30,10 @@ that XLA CPU runs as one kernel, a chain of row reductions each feeding the
 next, reading each row once (:func:`jsoft._loss_rule.direct_loss`): inside one
 kernel a shared ``z`` costs nothing and spelling it twice costs an op per
 logit. XLA CPU does so from 4096 rows on (:func:`one_kernel`); below that it
-splits the chain, and the second pass takes the ``SECOND`` spelling.
+splits the chain, and the second pass takes the ``SECOND`` spelling. Except
+for 16-bit logits: XLA stores their float32 conversion between the split
+passes anyway, so the shared ``z`` is what it stores (the logits shifted
+once), as optax's ``log_softmax`` does.
 
 Two more spellings steer the order XLA runs things in:
 :func:`after_label` and :func:`guarded_mass`. This module is the one
