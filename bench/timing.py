@@ -33,8 +33,12 @@ def calibrated(fn: Callable[[], Any], min_sample_s: float) -> tuple[
 
   ``Timer.autorange`` grows the count (1, 2, 5, 10, 20, ...) until the calls
   take 0.2 s by the timer's clock; timed on a clock that runs
-  ``0.2 / min_sample_s`` times fast, it stops at ``min_sample_s``.
+  ``0.2 / min_sample_s`` times fast, it stops at ``min_sample_s``. ``fn`` is
+  called once first, untimed: a jitted call's first call compiles, and
+  counted, that one call outlasted the minimum, so every sample of a
+  sub-millisecond call was one call (its dispatch noise, not its time).
   """
+  fn()
   fast = 0.2 / min_sample_s
   number, _ = timeit.Timer(
       fn, timer=lambda: time.perf_counter() * fast).autorange()

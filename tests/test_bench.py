@@ -166,6 +166,20 @@ def test_calibrated_sample_lasts_the_minimum(monkeypatch):
   assert number == 1
 
 
+def test_calibration_does_not_count_the_first_call(monkeypatch):
+  # A jitted call's first call compiles: 1 s on the fake clock, then 1 ms
+  # a call. Counted, the first call alone outlasts the minimum (1 call).
+  now, calls = [0.0], []
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+  def call():
+    now[0] += 1.0 if not calls else 1e-3
+    calls.append(1)
+
+  _, number = timing.calibrated(call, 0.0095)  # (clear of rounding)
+  assert number == 10
+
+
 def test_table_helper_prints_every_cell(capsys):
   _plumbing.show(_plumbing.table("title", ["name", "value"],
                                  [["a", "1.5"], None, ["b", None]],
