@@ -142,7 +142,10 @@ def block_max(block: Block, lmap: LogitMap | None,
   entries, so the max is the same): see :func:`jsoft._spellings.after_label`.
   """
   x = _raw(block)
-  c = row_shift(masked(x, block.mask), (-1,))[..., 0]
+  # The max of 16-bit logits is exact at their own width: read at it (a
+  # float32 copy of them is then no operand of this pass).
+  c = row_shift(masked(block.logits, block.mask), (-1,))[..., 0].astype(
+      x.dtype)
   if label is not None and x.shape[-1]:
     x_label, present = _gather(block, label)
     c = _spellings.after_label(c, jnp.where(present, x_label, -jnp.inf))

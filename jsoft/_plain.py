@@ -96,10 +96,18 @@ def _with_mass(target: Target, dense: Any) -> Target:
   return target._replace(dense_mass=jnp.sum(dense, axis=-1, dtype=wide))
 
 
-def _forward(lmap, z_loss, block, target):
-  """The loss by the rule's sums: ``(loss, shift, sums, e^z)``."""
+def _forward(lmap, z_loss, block, target, keeps_exp=True):
+  """The loss by the rule's sums: ``(loss, shift, sums, e^z)``.
+
+  ``keeps_exp``: the gradient will scale the ``e^z`` (the VJP rule's
+  forward), so the shift is spelled to read the label's logit first
+  (:func:`jsoft._spellings.after_label`). Without a gradient nothing is
+  written over the logits, and that ordering costs a forward pass (measured
+  at 1024×1000 float32: 852 µs against 661, 2-core AMD EPYC).
+  """
   target = _with_mass(target, block.dense)
-  shift = _loss_rule.block_max(block, lmap, target.label)
+  shift = _loss_rule.block_max(block, lmap,
+                               target.label if keeps_exp else None)
   sums, e = _loss_rule.block_sums_and_exp(lmap, block, shift, target.label)
   return _loss_rule.row_loss(target, shift, sums, z_loss), shift, sums, e
 
@@ -109,7 +117,7 @@ def _row_fun(static, logits, valid, dense, *arrays):
   block, target = Block(logits, valid, 0, dense), Target.join(numbers, arrays)
 
   def by_sums():
-    return _forward(lmap, z_loss, block, target)[0]
+    return _forward(lmap, z_loss, block, target, keeps_exp=False)[0]
 
   if (dense is None or jnp.ndim(dense) == 0 or valid is not None
       or target.dense_mass is not None or not logits.shape[-1]):
