@@ -262,7 +262,6 @@ def tables(payload: dict[str, Any]) -> list[Any]:
   return out
 
 
-
 def write_plot(path: str, payload: dict[str, Any]) -> None:
   """One heat map per dtype: shapes × kernels, coloured by the ratio on a
   log scale centred at 1 (blue: jsoft faster, red: slower)."""
