@@ -265,13 +265,22 @@ def test_sizes_second_look_pools_the_rounds_of_cells_off_either_side():
   assert looked["ratio"]["optax"] == pytest.approx(1.0)  # 7 rounds: 4 at 1
 
 
-def test_sizes_committed_text_is_the_committed_json():
-  # The text table is drawn from the JSON: regenerated with it, or stale.
+def _show_options(saved):
+  _plumbing.show(*options.tables(saved["options"]))
+
+
+@pytest.mark.parametrize("name, show", [
+    ("sizes_cpu", sizes.show),
+    ("sweep_cpu", _show_options),
+])
+def test_committed_text_is_the_committed_json(name, show):
+  # A results table in text is drawn from its JSON: regenerated with it,
+  # or stale (and a JSON the current tables cannot draw is stale too).
   results = pathlib.Path(__file__).parent.parent / "bench" / "results"
-  saved = json.loads((results / "sizes_cpu.json").read_text())
+  saved = json.loads((results / f"{name}.json").read_text())
   with contextlib.redirect_stdout(io.StringIO()) as out:
-    sizes.show(saved)
-  committed = (results / "sizes_cpu.txt").read_text()
+    show(saved)
+  committed = (results / f"{name}.txt").read_text()
   assert committed.startswith(out.getvalue())
 
 
