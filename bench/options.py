@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="run only this section (repeatable; default: all)")
   args = p.parse_args(argv)
   only = args.only or SECTIONS
+  info = report.machine()  # before measuring: its load is the start's
   result: dict[str, Any] = {}
   if "options" in only:
     result.update(measure(quick=args.quick, rounds=args.rounds))
@@ -393,7 +394,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["head"] = measure_head(quick=args.quick, rounds=args.rounds)
   if "sweep" in only:
     result["sweep"] = measure_sweep(quick=args.quick, rounds=args.rounds)
-  info = report.machine()
   _plumbing.show(*tables(result))
   sweep = result.get("sweep")
   _plumbing.write_outputs(

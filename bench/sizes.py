@@ -167,6 +167,7 @@ def run(grid: str = "full", dtypes: list[str] | None = None,
   if why:
     missing["tokamax"] = why
   cells = plan(grid, dtypes or list(cases.DTYPES), only or [])
+  machine = report.machine()  # before measuring: its load is the start's
 
   def measure(cell):
     if cell["kernel"] == "fused head vg":
@@ -185,7 +186,7 @@ def run(grid: str = "full", dtypes: list[str] | None = None,
     again = [i for i, cell in enumerate(done) if looks_off(cell)]
     for i in _plumbing.tracked(again, lambda i: f"again: {_name(done[i])}"):
       done[i] = second_look(done[i], measure(done[i]))
-  return {"machine": report.machine(),
+  return {"machine": machine,
           "config": {"grid": grid, "rounds": rounds,
                      "min_sample_s": min_sample_s,
                      "dtypes": dtypes or list(cases.DTYPES),
