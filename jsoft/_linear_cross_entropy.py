@@ -296,8 +296,9 @@ def linear_cross_entropy(
   ``D ≤ c``); plus numbers per token, and the gathered features and their
   gradient (``8·N·D``) when ignored tokens are gathered out. The unfused
   loss needs at least ``4·N·V``. ``chunk_size=None`` picks ``c`` from a
-  byte budget (:data:`jsoft._tiling.BUDGETS`: 1/64 of the logits, at most
-  8 MiB a token tile; over classes the whole step within twice 16 MiB).
+  byte budget (:data:`jsoft._tiling.BUDGETS`: a token tile 1/64 of the
+  logits, at most 8 MiB; over classes the whole step within twice 1/16 of
+  them, at most twice 16 MiB).
   Over classes the fourth matmul costs time, over tokens ``dW`` costs
   memory: ``python -m bench tiles`` measures the trade.
 

@@ -43,11 +43,15 @@ MIB = 2**20
 # logits (1/share), clamped to [MIN_TILE_BYTES, cap]. A token tile's step
 # holds about three such tiles (logits, exponentials, gradient); a class
 # tile's step is sized as a whole (class_tile); a distillation tile holds
-# both heads' logits.
+# both heads' logits. The class loop's share is the larger: below its cap
+# (N·V under 2^22), 1/64 made tiles of a few hundred classes, whose four
+# matmuls per tile ran behind the unfused loss's three (the fused-head
+# cells of python -m bench sizes); from a few hundred to a few thousand
+# classes they run ahead of it, at 1/16 of its temp.
 MIN_TILE_BYTES = MIB
 BUDGETS = {  # loop: (share, cap in bytes)
     "tokens": (64, 8 * MIB),
-    "classes": (64, 16 * MIB),
+    "classes": (16, 16 * MIB),
     "distillation": (32, 16 * MIB),
 }
 # Row tiles of a class loop whose ignored tokens are gathered out: the kept

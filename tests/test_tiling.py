@@ -31,14 +31,17 @@ def test_default_token_tiles():
 
 def test_default_class_tiles():
   # Over classes the step (tile 4·N·c, hᵀ and dh's share 8·N·D, W's tile
-  # 4·D·c) within 31/32 of twice the budget (1/64 of the logits, at most
+  # 4·D·c) within 31/32 of twice the budget (1/16 of the logits, at most
   # 16 MiB): at N=8192, D=256, (31 MiB − 16 MiB) / (4·8448 B) = 465.4,
-  # so 464 classes; at V=32000 the budget is 15.6 MiB: 442.9, so 440.
-  # Where hᵀ leaves no room, the budget's own tile without it.
+  # so 464 classes, at V=32000 too (69 tiles of 464). Below the cap, at
+  # N=1024, D=128, V=8192 the budget is 2 MiB: (3.875 MiB − 1 MiB) /
+  # (4·1152 B) = 654.2, so 648, balanced: 13 tiles of 632. Where hᵀ
+  # leaves no room, the budget's own tile without it.
   tile = tiling.class_tile
   assert tile(8192, 256, 32768, None) == (464, True)
-  assert tile(8192, 256, 32000, None) == (440, True)
-  assert tile(4096, 4096, 32768, None) == (512, False)  # 8 MiB; D > c
+  assert tile(8192, 256, 32000, None) == (464, True)
+  assert tile(1024, 128, 8192, None) == (632, True)
+  assert tile(4096, 4096, 32768, None) == (1024, False)  # 16 MiB; D > c
   assert tile(8192, 256, 32768, 128) == (128, False)  # as asked; D > c
   assert tile(8192, 256, 32768, 256) == (256, True)
 
