@@ -272,6 +272,7 @@ def _show_options(saved):
 @pytest.mark.parametrize("name, show", [
     ("sizes_cpu", sizes.show),
     ("sweep_cpu", _show_options),
+    ("options_cpu", _show_options),
 ])
 def test_committed_text_is_the_committed_json(name, show):
   # A results table in text is drawn from its JSON: regenerated with it,

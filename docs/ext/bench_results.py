@@ -43,6 +43,7 @@ HIDDEN = {"compile_ms", "output_bytes", "samples", "calls_per_sample",
           "seconds"}
 SKIPPED_KEYS = {"machine", "config", "load_average_at_end"}
 HEADERS = {"median_ms": "ms (median)", "ratio_to_jsoft": "÷ reference",
+           "ratio_to_plain": "× plain",
            "ratio_to_floor": "÷ floor", "temp_bytes": "XLA temp MiB",
            "finite_on_extremes": "finite on ×1000", "eager_ms": "eager ms"}
 
