@@ -43,11 +43,11 @@ MIB = 2**20
 # logits (1/share), clamped to [MIN_TILE_BYTES, cap]. A token tile's step
 # holds about three such tiles (logits, exponentials, gradient); a class
 # tile's step is sized as a whole (class_tile); a distillation tile holds
-# both heads' logits. The class loop's share is the larger: below its cap
-# (N·V under 2^22), 1/64 made tiles of a few hundred classes, whose four
-# matmuls per tile ran behind the unfused loss's three (the fused-head
-# cells of python -m bench sizes); from a few hundred to a few thousand
-# classes they run ahead of it, at 1/16 of its temp.
+# both heads' logits. The class loop's share is the larger: 1/64 (its cap
+# reached from N·V = 2^28 on, 1/16 from 2^26) made tiles of a few hundred
+# classes, whose four matmuls per tile ran behind the unfused loss's three
+# (the fused-head cells of python -m bench sizes); from a few hundred to a
+# few thousand classes they run ahead of it, at about 1/16 of its temp.
 MIN_TILE_BYTES = MIB
 BUDGETS = {  # loop: (share, cap in bytes)
     "tokens": (64, 8 * MIB),
