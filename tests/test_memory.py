@@ -324,6 +324,23 @@ def test_default_tile_keeps_the_fused_head_under_a_sixteenth():
   assert temp <= 4 * n * v / 16
 
 
+def test_default_class_tile_below_its_cap_within_its_bound():
+  # Below the class budget's cap (N·V < 2^26) the default tile is 1/16 of
+  # the logits' bytes (jsoft._tiling.BUDGETS): 632 classes here, where the
+  # unfused loss's float32 logits alone are 32 MiB.
+  n, d, v = 1024, 128, 8192
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def loss(h, w):
+    return jsoft.linear_cross_entropy(h, w, y, reduction="mean")
+
+  chunk = tiling.class_tile(n, d, v, None)[0]
+  temp = _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w)
+  assert temp <= _fused_bound(n, d, v, chunk, scalar=True)
+  assert temp <= 4 * n * v / 4
+
+
 def test_reduced_token_head_holds_no_transposed_weight():
   # Each tile's dh = g·Wᵀ is one product contracting both operands' last
   # axes (jsoft._compat.matmul_t). Spelled g @ W.T, XLA kept Wᵀ as an array
