@@ -88,18 +88,28 @@ def lse_from_parts(c: jax.Array, s: jax.Array) -> jax.Array:
   return jnp.where(c == jnp.inf, jnp.inf, c + jnp.log(s))
 
 
+@jax.custom_jvp
 def mass(s: jax.Array) -> jax.Array:
   """``max(s, 1)`` for a sum ``s = Σ e^(x - c)``, which is 0 (no mass) or at
   least 1 (the max term is ``e^0``): a slice with no mass divides 0 by 1 and
   takes ``log 1 = 0``, so its softmax is 0 and its log-softmax ``-inf - 0``.
+  NaN passes through (``NaN < 1`` is false).
 
-  A select, not ``jnp.maximum``: a confident prediction rounds ``s`` to
-  exactly 1, where ``maximum``'s derivative splits 1/2 : 1/2 between its
-  operands and would halve ``∂s`` in every second derivative (Hessians,
-  HVPs) computed through the VJP rules. Here ``∂mass/∂s`` is exactly 1 for
-  ``s ≥ 1``; NaN passes through (``NaN < 1`` is false). One select per row.
+  Its derivative is exactly 1 everywhere: not ``maximum``'s, which splits
+  1/2 : 1/2 between its operands at a confident prediction's ``s = 1`` and
+  would halve ``∂s`` in every second derivative (Hessians, HVPs) computed
+  through the VJP rules, and not the select's, which costs a select per
+  row in every gradient. Where ``s < 1`` (``s = 0``) every ``e^(x − c)``
+  is 0, and so are ``∂s`` (a sum of ``e^(x − c)·∂x``) and every gradient
+  a cotangent of ``s`` scales: the slope there is never read.
   """
   return jnp.where(s < 1, 1, s).astype(s.dtype)
+
+
+@mass.defjvp
+def _mass_jvp(primals, tangents):
+  (s,), (ds,) = primals, tangents
+  return mass(s), ds
 
 
 # ------------------------------------------------------------------ kernels
