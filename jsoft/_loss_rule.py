@@ -16,7 +16,7 @@ parts: a label part (integer labels: ``λ = (1 − ε)·w_y``) and a dense part 
 
 .. math::
   s = \sum_c e^{z_c}, \qquad \tilde x_y, \qquad
-  d = -\sum_c u_c z_c \;\ge 0, \qquad
+  \textstyle\sum_c u_c z_c = -d \;\le 0, \qquad
   L = \lambda(\log s - z_y) + U\log s + d + \lambda_z (c + \log s)^2,
 
 (``U = Σ u``), so any block of the classes — a whole row, one device's
@@ -112,7 +112,9 @@ class Sums(NamedTuple):
   """A block's sums per example, relative to the shift ``c``."""
   exp: jax.Array  # s = Σ e^(x̃ − c)
   label: jax.Array | None  # x̃_y, or 0 where y is not in the block
-  dense: jax.Array | None  # d = Σ u·(c − x̃) ≥ 0, +inf for mass on −inf
+  # Σ u·(x̃ − c) = −d ≤ 0, −inf for mass on −inf (stored with its own
+  # sign: no negation per example; the loss subtracts it)
+  dense: jax.Array | None
   # Σ e^z·(−z) ≥ 0 (0 for z = −inf), for the entropy log s + entropy/s;
   # None unless the caller asks for statistics.
   entropy: jax.Array | None = None
@@ -189,29 +191,6 @@ def _label_logit(block: Block, label: jax.Array,
   return jnp.where(present, x_label, 0)
 
 
-def _dense_sum(u: Any, z: jax.Array) -> jax.Array:
-  """``Σ_c u_c·(−z_c)``, exactly 0 for ``u_c = 0`` on ``z_c = −inf``.
-
-  ``z`` is clamped to the finite range, so such a term adds
-  ``0·finite = 0``, not ``0·inf = NaN``. Positive mass on a ``-inf`` logit
-  makes the sum ``+inf``: ``zc − z`` is 0 at every finite ``z`` and
-  ``+inf`` at ``−inf``; capped at 2^127, times ``u``, then times 2^127
-  again, it stays 0 for ``u = 0`` and overflows for any normal ``u > 0``.
-  No compare or select, so the sum stays one fused loop. The overflow term
-  is constant under autodiff: its derivative is 0 wherever it is finite,
-  and its huge partials would swamp the others in reverse mode.
-  """
-  info = jnp.finfo(z.dtype)
-  zc = _finite(z)
-  scale = 2.0 ** (info.maxexp - 1)
-  if jnp.ndim(u) == 0:
-    # One target for every class: factored out, the sum reads only z.
-    lost = lax.stop_gradient(jnp.minimum(zc - z, scale) * scale)
-    return u * jnp.sum(lost - zc, axis=-1)
-  lost = lax.stop_gradient((u * jnp.minimum(zc - z, scale)) * scale)
-  return jnp.sum(lost - u * zc, axis=-1)
-
-
 def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
                        label: jax.Array | None, entropy: bool = False
                        ) -> tuple[Sums, jax.Array]:
@@ -223,18 +202,15 @@ def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
   x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    z2 = _spellings.shifted(x, c, _masking(block), lmap, _spellings.SECOND)
-    d = _dense_sum(_dense(block), z2)
+    # An inline-sized block shares z: no [N, C] temp is at stake there,
+    # and the SECOND spelling's negated shift is a flop per row.
+    z2 = (z if _spellings.inline_sized(x.size) else
+          _spellings.shifted(x, c, _masking(block), lmap, _spellings.SECOND))
+    d = _spellings.dense_sum(_dense(block), z2)
   h = None
   if entropy:
-    h = jnp.sum(e * -_finite(z), axis=-1)
+    h = jnp.sum(e * -_spellings.finite(z), axis=-1)
   return Sums(jnp.sum(e, axis=-1), x_label, d, h), e
-
-
-def _finite(z: jax.Array) -> jax.Array:
-  """``z`` clamped to the finite floats: ``e^z·z`` is then 0, not NaN, at
-  ``z = −inf`` (no mass)."""
-  return jnp.maximum(z, -float(jnp.finfo(z.dtype).max))
 
 
 def block_sums(lmap: LogitMap | None, block: Block, shift: jax.Array,
@@ -317,8 +293,8 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
                ) -> tuple[jax.Array, jax.Array | None]:
   """The VJP of :func:`block_sums`: ``(∂/∂logits, ∂/∂dense)``.
 
-  ``∂/∂logits = (e^z·ct.exp + onehot(y)·ct.label − u·ct.dense)·dx̃/dx``;
-  ``∂/∂dense = −z·ct.dense`` (``+inf`` where ``x̃ = −inf``), None when the
+  ``∂/∂logits = (e^z·ct.exp + onehot(y)·ct.label + u·ct.dense)·dx̃/dx``;
+  ``∂/∂dense = z·ct.dense`` (``−inf`` where ``x̃ = −inf``), None when the
   dense target is broadcast over the examples (then a constant). Examples
   outside ``keep`` get an exact 0, whatever their logits hold. ``exp``:
   the forward's ``e^z``, if it kept them (the plain driver), else they are
@@ -332,9 +308,9 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
   g = e * ct.exp[..., None]
   if ct.entropy is not None:
     # ∂(e^z·(−z))/∂z = −e^z·(1 + z), with z = −gap clamped (0 at −inf).
-    g = g - (e * (1 + _finite(-gap))) * ct.entropy[..., None]
+    g = g - (e * (1 + _spellings.finite(-gap))) * ct.entropy[..., None]
   if block.dense is not None:
-    g = g - ct.dense[..., None] * _dense(block)
+    g = g + ct.dense[..., None] * _dense(block)
   if label is not None:
     cols = lax.broadcasted_iota(jnp.int32, gap.shape, gap.ndim - 1)
     hit = cols == (label - block.first)[..., None]
@@ -352,7 +328,8 @@ def block_grad(lmap: LogitMap | None, block: Block, shift: jax.Array,
     g = jnp.where(keep[..., None], g, 0)
   g_dense = None
   if block.dense is not None and jnp.shape(block.dense) == gap.shape:
-    g_dense = gap * ct.dense[..., None]
+    # z = −gap: the sign on the per-example cotangent, not per logit.
+    g_dense = gap * (-ct.dense)[..., None]
     if keep is not None:
       g_dense = jnp.where(keep[..., None], g_dense, 0)
   return g, g_dense
@@ -365,7 +342,7 @@ def rebase(sums: Sums, shift: jax.Array, new_shift: jax.Array,
   moved = jnp.exp(shift - new_shift)
   dense = None
   if sums.dense is not None:
-    dense = sums.dense + dense_mass * (new_shift - shift)
+    dense = sums.dense - dense_mass * (new_shift - shift)
   entropy = None
   if sums.entropy is not None:
     # Σ e^z'·(−z') with z' = z − δ, δ = new_shift − shift ≥ 0:
@@ -381,9 +358,11 @@ def add(a: Sums, b: Sums) -> Sums:
 
 
 def row_loss(target: Target, shift: jax.Array, sums: Sums,
-             z_loss: float) -> jax.Array:
-  """The per-example loss from a whole row's sums (plain JAX)."""
-  log_s = jnp.log(mass(sums.exp))
+             z_loss: float, inline: bool = False) -> jax.Array:
+  """The per-example loss from a whole row's sums (plain JAX). ``inline``:
+  guard ``s`` with :func:`jsoft._spellings.inline_mass`."""
+  guard = _spellings.inline_mass if inline else mass
+  log_s = jnp.log(guard(sums.exp))
   loss = None
   if target.label is not None:
     # −log softmax(x̃)_y = log s − (x̃_y − c): from the shifted logits, so
@@ -393,7 +372,7 @@ def row_loss(target: Target, shift: jax.Array, sums: Sums,
             and target.label_mass == 1.0):
       loss = target.label_mass * loss
   if sums.dense is not None:
-    dense = log_s * target.dense_mass + sums.dense  # Σ u·(log s − z)
+    dense = log_s * target.dense_mass - sums.dense  # Σ u·(log s − z)
     loss = dense if loss is None else loss + dense
   if z_loss:
     loss = loss + z_loss * jnp.square(shift + log_s)

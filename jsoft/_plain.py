@@ -109,7 +109,15 @@ def _forward(lmap, z_loss, block, target, keeps_exp=True):
   shift = _loss_rule.block_max(block, lmap,
                                target.label if keeps_exp else None)
   sums, e = _loss_rule.block_sums_and_exp(lmap, block, shift, target.label)
-  return _loss_rule.row_loss(target, shift, sums, z_loss), shift, sums, e
+  loss = _loss_rule.row_loss(target, shift, sums, z_loss, _inline(block))
+  return loss, shift, sums, e
+
+
+def _inline(block: Block) -> bool:
+  """Whether the row rule's program may run on XLA CPU's calling thread: a
+  dense target on :func:`jsoft._spellings.inline_sized` logits."""
+  return (block.dense is not None
+          and _spellings.inline_sized(block.logits.size))
 
 
 def _row_fun(static, logits, valid, dense, *arrays):
@@ -153,7 +161,7 @@ def _row_bwd(static, res: RowResiduals, ct):
   def by_sums(s, mass_or_u):
     full = (_with_mass(target, mass_or_u) if lazy else
             target._replace(dense_mass=mass_or_u))
-    return _loss_rule.row_loss(full, shift, s, z_loss)
+    return _loss_rule.row_loss(full, shift, s, z_loss, _inline(block))
 
   # Inside shard_map, the sums may be the same on devices where the loss
   # and its cotangent differ (replicated logits, split labels): typed as

@@ -36,8 +36,10 @@ passes anyway, so the shared ``z`` is what it stores (the logits shifted
 once), as optax's ``log_softmax`` does.
 
 Two more spellings steer the order XLA runs things in:
-:func:`after_label` and :func:`guarded_mass`. This module is the one
-place that knows them all;
+:func:`after_label` and :func:`guarded_mass`; and :func:`dense_sum` is
+spelled one way for a program so small that XLA CPU runs it on the calling
+thread, another for every other. This module is the one place that knows
+them all;
 ``tests/test_memory.py`` pins them by asserting XLA's temp bytes for every
 lean kernel, so a JAX upgrade that undoes one fails a test.
 
@@ -133,6 +135,89 @@ def few_logits(size: int) -> bool:
   one-pass loss is NaN) than to select per logit (measured: up to 2^16
   logits)."""
   return size <= 2**16
+
+
+def inline_sized(size: int) -> bool:
+  """Whether a pass over ``size`` logits is small enough that its whole
+  training step can stay under the 1000 flops (XLA's cost analysis; ``exp``
+  and ``log`` do not count) up to which XLA CPU runs a program on the
+  calling thread instead of handing it to its thread pool (which costs
+  more than such a program's work): about 12 flops per logit, as optax's
+  step, so up to 80 logits; 128 leaves room for a few extra rows."""
+  return size <= 128
+
+
+def dense_sum(u, z: jax.Array) -> jax.Array:
+  """``Σ_c u_c·z_c``, exactly 0 for ``u_c = 0`` on ``z_c = −inf`` and
+  ``−inf`` for mass ``u_c > 0`` there; ``u`` an array like ``z`` or one
+  number for every class.
+
+  Past :func:`inline_sized`: no compare or select, so the sum stays one
+  fused loop. ``z`` is clamped to the finite floats, so a zero target's
+  term is ``0·finite = 0``, not ``0·inf = NaN``; the mass lost on
+  ``−inf``, ``zc − z`` (0 at every finite ``z``, ``+inf`` at ``−inf``),
+  capped at ``2^127``, times ``u``, then times ``2^127`` again, stays 0
+  for ``u = 0`` and overflows for any normal ``u > 0``. That term is
+  constant under autodiff: its derivative is 0 wherever it is finite, and
+  its huge partials would swamp the others in reverse mode.
+  """
+  if inline_sized(z.size):
+    return _dense_sum_small(u, z)
+  info = jnp.finfo(z.dtype)
+  zc = finite(z)
+  scale = 2.0 ** (info.maxexp - 1)
+  if jnp.ndim(u) == 0:
+    # One target for every class: factored out, the sum reads only z.
+    lost = jax.lax.stop_gradient(jnp.minimum(zc - z, scale) * scale)
+    return u * jnp.sum(zc - lost, axis=-1)
+  lost = jax.lax.stop_gradient((u * jnp.minimum(zc - z, scale)) * scale)
+  return jnp.sum(u * zc - lost, axis=-1)
+
+
+@jax.custom_jvp
+def _dense_sum_small(u, z: jax.Array) -> jax.Array:
+  """:func:`dense_sum` in three ops per logit: a select drops the terms of
+  a zero target, so ``0·inf`` never forms. The select would make
+  ``∂/∂u`` 0 at ``u = 0``; the JVP rule gives the sum's own derivative,
+  ``finite(z)``, and ``u·∂z`` (0 at ``z = −inf``)."""
+  if jnp.ndim(u) == 0:
+    return jnp.where(u == 0, 0, u * jnp.sum(z, axis=-1))
+  return jnp.sum(jnp.where(u == 0, 0, u * z), axis=-1)
+
+
+@_dense_sum_small.defjvp
+def _dense_sum_small_jvp(primals, tangents):
+  (u, z), (du, dz) = primals, tangents
+  # Linear in (du, dz), for reverse mode's transpose.
+  alive = z > -float(jnp.finfo(z.dtype).max)
+  dout = jnp.sum(jnp.where(alive, u * dz, 0), axis=-1)
+  if jnp.ndim(u) == 0:
+    dout = dout + du * jnp.sum(finite(z), axis=-1)
+  else:
+    dout = dout + jnp.sum(du * finite(z), axis=-1)
+  return _dense_sum_small(u, z), dout
+
+
+@jax.custom_jvp
+def inline_mass(s: jax.Array) -> jax.Array:
+  """:func:`jsoft._softmax.mass` (the same values, the same slope 1) as one
+  max per row instead of a compare and a select, for an
+  :func:`inline_sized` pass with a dense target. Only there: XLA fuses a
+  max differently, and elsewhere the integer-label loss would round apart
+  from the same loss computed with its statistics."""
+  return jnp.maximum(s, 1)
+
+
+@inline_mass.defjvp
+def _inline_mass_jvp(primals, tangents):
+  (s,), (ds,) = primals, tangents
+  return inline_mass(s), ds
+
+
+def finite(z: jax.Array) -> jax.Array:
+  """``z`` clamped to the finite floats: ``u·z`` and ``e^z·z`` are then 0,
+  not NaN, at ``z = −inf``."""
+  return jnp.maximum(z, -float(jnp.finfo(z.dtype).max))
 
 
 def after_label(shift: jax.Array, label_logit: jax.Array) -> jax.Array:

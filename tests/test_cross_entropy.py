@@ -254,6 +254,26 @@ class TestProbabilityLabels:
     g = jax.grad(lambda t: jnp.sum(prob_ce(x, t)))(t)
     np.testing.assert_allclose(g, -helpers.log_softmax(x), rtol=1e-14)
 
+  @pytest.mark.parametrize("columns", [3, 40])
+  def test_target_derivatives_at_zero_targets(self, columns):
+    # Up to 128 logits the loss drops a zero target's terms by a select
+    # (jsoft._spellings.dense_sum), whose own derivative would be 0 there;
+    # over 128 it clamps instead. Both: ∂L/∂t = −log softmax(x) at every
+    # class, in reverse and forward mode, and ∂²L/∂x∂t = p − onehot.
+    x = _rng(40).normal(size=(4, columns))
+    t = _rng(41).dirichlet(np.ones(columns), size=4)
+    t[:, ::2] = 0.0
+    want = -helpers.log_softmax(x)
+    for mode in (jax.grad, jax.jacfwd):
+      got = mode(lambda t: jnp.sum(prob_ce(x, t)))(t)
+      np.testing.assert_allclose(got, want, rtol=1e-13)
+    dx = jax.grad(lambda x, t: jnp.sum(prob_ce(x, t)))
+    mixed = jax.jacfwd(dx, argnums=1)(x, t)  # [4, C] by [4, C]
+    p = helpers.softmax(x)
+    eye = np.eye(columns)
+    want = np.einsum("ij,icd->icjd", np.eye(4), p[:, :, None] - eye)
+    np.testing.assert_allclose(mixed, want, rtol=1e-12, atol=1e-15)
+
   def test_matches_optax_float32(self):
     x = jnp.asarray(_rng(26).normal(size=(8, 10)), F32)
     t = jnp.asarray(_rng(27).dirichlet(np.ones(10), size=8), F32)
