@@ -10,6 +10,7 @@ import pytest
 import scipy.special as sp
 
 import jsoft
+from jsoft import _spellings
 from tests import helpers
 
 F32 = jnp.float32
@@ -256,10 +257,9 @@ class TestProbabilityLabels:
 
   @pytest.mark.parametrize("columns", [3, 40])
   def test_target_derivatives_at_zero_targets(self, columns):
-    # Up to 128 logits the loss drops a zero target's terms by a select
-    # (jsoft._spellings.dense_sum), whose own derivative would be 0 there;
-    # over 128 it clamps instead. Both: ∂L/∂t = −log softmax(x) at every
-    # class, in reverse and forward mode, and ∂²L/∂x∂t = p − onehot.
+    # Both spellings of the dense sum (up to 128 logits and over): ∂L/∂t =
+    # −log softmax(x) at every class, zero targets included, in reverse
+    # and forward mode, and ∂²L/∂x∂t = p − onehot.
     x = _rng(40).normal(size=(4, columns))
     t = _rng(41).dirichlet(np.ones(columns), size=4)
     t[:, ::2] = 0.0
@@ -273,6 +273,36 @@ class TestProbabilityLabels:
     eye = np.eye(columns)
     want = np.einsum("ij,icd->icjd", np.eye(4), p[:, :, None] - eye)
     np.testing.assert_allclose(mixed, want, rtol=1e-12, atol=1e-15)
+
+  @pytest.mark.parametrize("columns", [3, 40])
+  def test_dense_sum_and_its_derivatives(self, columns):
+    # jsoft._spellings.dense_sum, Σ u·z, is spelled with a select up to 128
+    # logits (whose own ∂/∂u is 0 at u = 0) and with a clamp over; the
+    # rule's higher-order derivatives differentiate it. Both: 0 for a zero
+    # target on -inf, -inf for mass there; ∂/∂u = z clamped to the finite
+    # floats, ∂/∂z = u (0 on -inf), in reverse and forward mode.
+    z = _rng(42).normal(size=(4, columns))
+    u = _rng(43).uniform(size=(4, columns))
+    u[:, ::2] = 0.0
+    z[0, 0] = -INF  # zero target
+    z[1, 1] = -INF  # mass
+    dense_sum = jax.jit(_spellings.dense_sum)  # traced, as in the rule
+    value = np.asarray(dense_sum(u, z))
+    with np.errstate(invalid="ignore"):
+      want = np.sum(np.where(u == 0, 0.0, u * z), -1)
+    np.testing.assert_allclose(value, want, rtol=1e-14)
+    assert value[1] == -INF
+    tiny = -np.finfo(np.float64).max
+    rows = jnp.asarray([0, 2, 3])  # the rows without mass on -inf
+    for mode in (jax.jacrev, jax.jacfwd):
+      du, dz = mode(lambda u, z: dense_sum(u, z)[rows],
+                    argnums=(0, 1))(u, z)
+      du, dz = np.asarray(du)[:, rows], np.asarray(dz)[:, rows]
+      eye = np.eye(3)[:, :, None]
+      np.testing.assert_allclose(du, eye * np.maximum(z[rows], tiny),
+                                 rtol=1e-14)
+      live = np.where(z[rows] == -INF, 0, u[rows])
+      np.testing.assert_allclose(dz, eye * live, rtol=1e-14)
 
   def test_matches_optax_float32(self):
     x = jnp.asarray(_rng(26).normal(size=(8, 10)), F32)
