@@ -17,6 +17,11 @@ using ``log(1 - σ(x)) = log σ(-x) = -softplus(x)``. A term whose weight
 
 written in the second form so neither ``t = 0`` nor ``t = 1`` cancels digits,
 and finite for every ``x``.
+
+Two spellings of the loss, the same values: over 128 elements a select-free
+one (a reduction of the loss fuses with it), up to 128 one with a select
+in under half the ops, so a small call stays under the cost up to which
+XLA CPU runs it on the calling thread (:func:`jsoft._spellings.inline_sized`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _collectives, _rules
+from jsoft import _checks, _collectives, _rules, _spellings
 from jsoft._options import reduce
 from jsoft._sigmoid import sigmoid_pair, softplus_pair
 
@@ -37,23 +42,46 @@ def _bce_fwd(static, logits, labels, pos_weight):
   x, t = logits, labels
   # The weight on −log σ(x): t, or pos_weight·t (torch's pos_weight).
   tp = t if pos_weight is None else pos_weight * t
+  if _spellings.inline_sized(x.size):
+    loss = _few_loss(x, t, tp, pos_weight is None)
+  else:
+    loss = _loss(x, t, tp)
+  return loss, (logits, labels, pos_weight)
+
+
+def _loss(x, t, tp):
+  """``tp·softplus(−x) + (1 − t)·softplus(x)``, elementwise, without a
+  compare, so that a reduction of the loss fuses with it."""
   sp_pos, sp_neg = softplus_pair(x)  # −log σ(−x), −log σ(x): +inf at ∓inf
   info = jnp.finfo(x.dtype)
-  # tp·softplus(−x) + (1 − t)·softplus(x) with each softplus capped at the
-  # largest float, so a weight of exactly 0 on an infinite softplus adds
-  # 0·finite = 0 (not NaN) ...
+  # Each softplus capped at the largest float, so a weight of exactly 0 on
+  # an infinite softplus adds 0·finite = 0 (not NaN) ...
   a, b = jnp.minimum(sp_neg, float(info.max)), jnp.minimum(sp_pos, float(
       info.max))
   # ... while any positive weight on one makes the loss +inf: sp − cap is 0
   # when finite and +inf when not; capped at 2^127, times the weight, times
   # 2^127 again it overflows for any normal weight > 0 and stays 0 for a
-  # zero weight. No compares, so a reduction of the loss fuses with it; a
-  # constant under autodiff (its derivative is 0 wherever it is finite).
+  # zero weight. A constant under autodiff (its derivative is 0 wherever
+  # it is finite).
   scale = 2.0 ** (info.maxexp - 1)
   infinite = lax.stop_gradient(
       (tp * jnp.minimum(sp_neg - a, scale)) * scale
       + ((1 - t) * jnp.minimum(sp_pos - b, scale)) * scale)
-  return tp * a + (1 - t) * b + infinite, (logits, labels, pos_weight)
+  return tp * a + (1 - t) * b + infinite
+
+
+def _few_loss(x, t, tp, plain):
+  """:func:`_loss` in ten ops an element, for a call small enough to run
+  on XLA CPU's calling thread (:func:`jsoft._spellings.inline_sized`;
+  :func:`_loss` takes 22). With ``a = log(1 + e^−|x|)``, the loss is
+  ``x·q + (tp + 1 − t)·a``, ``q = 1 − t`` for ``x > 0`` and ``−tp``
+  otherwise; a select drops ``x·q`` where ``q = 0``, so ``±inf·0`` never
+  forms. Never differentiated: the VJP rule gives the gradient, and its
+  higher orders differentiate only the rule's backward pass."""
+  tail = jnp.log1p(jnp.exp(-jnp.abs(x)))
+  q = jnp.where(x > 0, 1 - t, -tp)
+  linear = jnp.where(q == 0, 0, x * q)
+  return linear + (tail if plain else (tp + (1 - t)) * tail)
 
 
 def _bce_bwd(static, res, ct):
