@@ -160,8 +160,10 @@ def peak_bytes(loop: str, n: int, d: int, v: int, c: int, *,
     the forward pass) + ``4·D·V`` (``dW``) + ``4·N·D`` (``dh``);
   * ``"classes"``: ``8·r·c`` (``r`` = ``rows``, the row tile, default all
     ``N``) + ``4·N·D`` (``dh``) + ``4·D·V`` (``dW``) + ``4·r·D`` (``hᵀ``,
-    kept when ``D ≤ c``), and ``12·D·c`` in row tiles (a class tile's
-    ``dW`` share, the sum it is added to, their sum);
+    kept when ``D ≤ c``), and in row tiles ``12·D·c`` (a class tile's
+    ``dW`` share, the sum it is added to, their sum) and ``4·D·V`` (the
+    ``dW`` each row tile's ``lax.cond`` carries beside the one it
+    writes);
   * ``"distillation"``: ``tiles·4·c·V`` (both heads' tiles and the
     gradient: 12 for forward KL at ``T = 1`` up to 48 with the JSD, a
     temperature and the hard loss) + ``8·D·V`` (``dW`` and ``Wᵀ``) +
@@ -176,7 +178,7 @@ def peak_bytes(loop: str, n: int, d: int, v: int, c: int, *,
   if loop == "classes":
     r = n if rows is None else rows
     ht = 4 * r * d if d <= c else 0
-    shares = 12 * d * c if r < n else 0
+    shares = 12 * d * c + 4 * d * v if r < n else 0
     return 8 * r * c + 4 * n * d + 4 * d * v + ht + shares + extra
   if loop == "distillation":
     return tiles * 4 * c * v + 8 * d * v + 4 * n * d + 48 * n + extra
