@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import peers
+from bench import peers, torch_peer
 
 # name -> (N, C), or (N, D, V) for the LM head.
 SHAPES = {
@@ -267,7 +267,7 @@ def build(case: Case, available: dict[str, str | None],
       impls[peer] = Impl(peer, _bind(fn, host),
                          extreme=_bind(fn, extreme_host) if extremes else None)
     elif peer == "torch":
-      fn = peers.torch_impl(case.fn, case.mode)
+      fn = torch_peer.torch_impl(case.fn, case.mode)
       if fn is None:
         missing[peer] = "no such case"
         continue
