@@ -345,10 +345,9 @@ def test_row_tiled_class_loop_within_its_documented_bound(name):
                                       ignore_index=IGNORE, tile_by="classes",
                                       reduction="mean")
 
-  rows = tiling.row_tile(n)
-  c = chunk or tiling.row_tiled_class_tile(n, d, v, rows, None)[0]
-  bound = tiling.peak_bytes("classes", n, d, v, c, rows=rows,
-                            compacted=True)
+  c = chunk or tiling.row_tiled_class_tile(n, d, v, tiling.row_tile(n),
+                                           None)[0]
+  bound = _fused_bound(n, d, v, c, compacted=True, by_tokens=False)
   assert _temp(loss, h, w) <= bound
   assert _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w) <= bound
 
