@@ -211,8 +211,7 @@ def _class_bwd(loop: Loop, res: HeadResiduals, ct_sums, refs):
     def add(total, part, start, axis):
       """``part`` into the columns of ``total`` from ``start`` on."""
       if tokens.count > 1:  # the token tiles before wrote them
-        part = part + lax.dynamic_slice_in_dim(total, start, part.shape[axis],
-                                               axis=axis)
+        return tiling.add_at(total, part, start, axis)
       return lax.dynamic_update_slice_in_dim(total, part, start, axis=axis)
 
     def class_tile(carry, j, start):

@@ -15,7 +15,7 @@ logits at a time. This module is the loop they share; the heads plug a
   token skipped at run time;
 * :func:`scan_classes`, the class-tile scan, and :func:`class_bias`, the
   mask of an overlapping last class tile;
-* :func:`fold` and :func:`cast`: a gradient tile into
+* :func:`fold`, :func:`add_at` and :func:`cast`: a gradient tile into
   ``dh = g Wᵀ``, ``dW += hᵀ g``, ``db += Σ g`` (float32), then back to the
   inputs' dtypes, summed over the mesh axes their inputs are replicated on;
 * with :class:`jsoft._compaction.Compaction` (ignored tokens, padding and
@@ -161,9 +161,9 @@ def peak_bytes(loop: str, n: int, d: int, v: int, c: int, *,
   * ``"classes"``: ``8·r·c`` (``r`` = ``rows``, the row tile, default all
     ``N``) + ``4·N·D`` (``dh``) + ``4·D·V`` (``dW``) + ``4·r·D`` (``hᵀ``,
     kept when ``D ≤ c``), and in row tiles ``12·D·c`` (a class tile's
-    ``dW`` share, the sum it is added to, their sum) and ``4·D·V`` (the
-    ``dW`` each row tile's ``lax.cond`` carries beside the one it
-    writes);
+    ``dW`` share, the sum it is added to, their sum) and ``4·D·V`` (a copy
+    of ``W``: differentiated, each row tile's ``lax.cond`` is split in
+    two, and ``W`` passes from one to the other);
   * ``"distillation"``: ``tiles·4·c·V`` (both heads' tiles and the
     gradient: 12 for forward KL at ``T = 1`` up to 48 with the JSD, a
     temperature and the hard loss) + ``8·D·V`` (``dW`` and ``Wᵀ``) +
@@ -343,6 +343,24 @@ def fold(g: jax.Array, ht: jax.Array, w: jax.Array,
   g_in = g.astype(w.dtype)
   return (_compat.matmul_t(g_in, w, acc), _compat.matmul(ht, g_in, acc),
           jnp.sum(g, axis=0))
+
+
+def add_at(total: jax.Array, part: jax.Array, start,
+           axis: int) -> jax.Array:
+  """``part`` added to ``total`` from ``start`` on along ``axis``, in place.
+
+  A scatter-add, not ``dynamic_update_slice(total, part + slice)``: a VJP
+  rule's backward pass runs transposed twice in reverse mode
+  (:mod:`jsoft._rules`); a scatter-add comes back a scatter-add, while
+  the slice-and-update spelling comes back as a zeroed copy of ``total``
+  plus a sum, two copies of it per update (of ``dW`` per tile, in the
+  class loop's row tiles)."""
+  dnums = lax.ScatterDimensionNumbers(
+      update_window_dims=tuple(range(part.ndim)), inserted_window_dims=(),
+      scatter_dims_to_operand_dims=(axis,))
+  return lax.scatter_add(total, jnp.reshape(start, (1,)), part, dnums,
+                         indices_are_sorted=True, unique_indices=True,
+                         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 class Grads(NamedTuple):

@@ -279,8 +279,9 @@ def test_ignored_tokens_gathered_out_equal_the_unfused_loss(loop, kept):
   assert np.isfinite(grads[0]).all()
 
 
-def test_gathered_out_tokens_in_forward_mode_and_hvp():
-  n, d, v, chunk = COMPACT["tokens"]
+@pytest.mark.parametrize("loop", COMPACT)
+def test_gathered_out_tokens_in_forward_mode_and_hvp(loop):
+  n, d, v, chunk = COMPACT[loop]
   r = np.random.default_rng(2)
   h, w = r.normal(size=(n, d)), r.normal(size=(d, v))
   y = np.where(r.random(n) < 0.8, IGNORE, r.integers(0, v, size=n))

@@ -333,9 +333,9 @@ ROW_TILED = {  # (N, D, V, chunk): ignored tokens gathered out, class loop
 @pytest.mark.parametrize("name", ROW_TILED)
 def test_row_tiled_class_loop_within_its_documented_bound(name):
   # From 1024 tokens on, with ignore_index, the class loop runs in row
-  # tiles: each row tile's cond carries dW beside the one it writes. Small
-  # tiles went over a bound without that second dW (6.07 MB against 5.00
-  # at 2048×64×8192 in tiles of 512).
+  # tiles: each row tile's cond, split in two when differentiated, passes a
+  # copy of W from one half to the other. Small tiles went over a bound
+  # without it (6.07 MB against 5.00 at 2048×64×8192 in tiles of 512).
   n, d, v, chunk = ROW_TILED[name]
   h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
   y = jnp.zeros((n,), jnp.int32)
@@ -350,6 +350,29 @@ def test_row_tiled_class_loop_within_its_documented_bound(name):
   bound = _fused_bound(n, d, v, c, compacted=True, by_tokens=False)
   assert _temp(loss, h, w) <= bound
   assert _temp(jax.value_and_grad(loss, argnums=(0, 1)), h, w) <= bound
+
+
+@pytest.mark.parametrize("name", ROW_TILED)
+def test_row_tiles_cost_the_class_loop_no_copy_of_dw(name):
+  # The row tiles add each class tile's dW share to the columns the row
+  # tiles before wrote. Spelled as an update of the slice plus the share,
+  # the backward pass (transposed twice in reverse mode) copied dW twice
+  # per tile: 1.93 MB more temp than without ignore_index at 2048×64×8192,
+  # 0.39 MB at 1024×64×4000. As a scatter-add (jsoft._tiling.add_at) the
+  # two differ by less than the gathered features (4·N·D).
+  n, d, v, chunk = ROW_TILED[name]
+  h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
+  y = jnp.zeros((n,), jnp.int32)
+
+  def step(**ignore):
+    def loss(h, w):
+      return jsoft.linear_cross_entropy(h, w, y, chunk_size=chunk,
+                                        tile_by="classes", reduction="mean",
+                                        **ignore)
+    return jax.value_and_grad(loss, argnums=(0, 1))
+
+  plain = _temp(step(), h, w)
+  assert _temp(step(ignore_index=IGNORE), h, w) <= plain + 4 * n * d
 
 
 def test_default_tile_keeps_the_fused_head_under_a_sixteenth():

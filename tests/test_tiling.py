@@ -151,7 +151,7 @@ def test_peak_bytes_by_hand():
       16 * 10 * 50 + 4 * 8 * 50 + 4 * 100 * 8 + 16 * 100 + 8 * 100 * 8)
   # Classes: 8·r·c + 4·N·D + 4·D·V (+ 4·r·D for hᵀ, D ≤ c) + 16·N, and
   # in row tiles (r < N) 12·D·c for each class tile's dW share and 4·D·V
-  # for the dW a row tile's cond carries.
+  # for the copy of W a row tile's cond passes on.
   assert tiling.peak_bytes("classes", 100, 8, 50, 10, rows=20) == (
       8 * 20 * 10 + 4 * 100 * 8 + 4 * 8 * 50 + 4 * 20 * 8 + 16 * 100
       + 12 * 8 * 10 + 4 * 8 * 50)
