@@ -60,23 +60,23 @@ def test_balanced_tiles_cover_the_axis_in_as_few_tiles_with_least_overlap():
 
 
 def test_row_tiles_of_a_compacted_class_loop():
-  # 1/10 of the tokens, rounded up to a multiple of 8; and the class tile
+  # 1/16 of the tokens, rounded up to a multiple of 8; and the class tile
   # for such rows: the step (4·r·c + 8·r·D + 12·D·c) within 31/32 of twice
-  # the 16 MiB budget: (31 MiB − 8·824·256 B) / (4·824 + 12·256 B) = 4839.6,
-  # so at most 4832 classes at N=8192, D=256, V=32768: seven tiles, balanced
-  # to 32768 / 7 = 4681.1 → 4688.
-  assert tiling.row_tile(8192) == 824  # 819.2 → 820 → 824
-  assert tiling.row_tile(1000) == 104
+  # the 16 MiB budget: (31 MiB − 8·512·256 B) / (4·512 + 12·256 B) = 6144,
+  # so at most 6144 classes at N=8192, D=256, V=32768: six tiles, balanced
+  # to 32768 / 6 = 5461.3 → 5464.
+  assert tiling.row_tile(8192) == 512
+  assert tiling.row_tile(1000) == 64  # 62.5 → 63 → 64
   assert tiling.row_tile(4) == 4
-  assert tiling.row_tiled_class_tile(8192, 256, 32768, 824, None) == (
-      4688, True)
-  # N=32768, D=128: (31 MiB − 8·3280·128 B) / (4·3280 + 12·128 B) = 1988.7,
-  # at most 1984: five tiles, 8192 / 5 = 1638.4 → 1640 (not a last tile
-  # that recomputes 87% of the one before).
-  assert tiling.row_tile(32768) == 3280
-  assert tiling.row_tiled_class_tile(32768, 128, 8192, 3280, None) == (
-      1640, True)
-  assert tiling.row_tiled_class_tile(8192, 256, 32768, 824, 128) == (
+  assert tiling.row_tiled_class_tile(8192, 256, 32768, 512, None) == (
+      5464, True)
+  # N=32768, D=128: (31 MiB − 8·2048·128 B) / (4·2048 + 12·128 B) = 3125.9,
+  # at most 3120: three tiles, 8192 / 3 = 2730.7 → 2736 (not a last tile
+  # that recomputes 37% of the one before).
+  assert tiling.row_tile(32768) == 2048
+  assert tiling.row_tiled_class_tile(32768, 128, 8192, 2048, None) == (
+      2736, True)
+  assert tiling.row_tiled_class_tile(8192, 256, 32768, 512, 128) == (
       128, False)  # as asked
 
 
