@@ -57,10 +57,10 @@ BUDGETS = {  # loop: (share, cap in bytes)
 # Row tiles of a class loop whose ignored tokens are gathered out: the kept
 # count is rounded up to 1/ROW_TILES of the tokens (the forward and backward
 # passes skip the row tiles past it), so a kept fraction k runs at most
-# k + 1/16 of the work, leaving room within k + 0.10 for the fixed costs
-# (1/10 left none: 12% kept ran 2 of 10 tiles, 0.22 of the time). Each row
-# tile adds its share to every dW column once, so finer tiles cost a little
-# time when every token is kept.
+# k + 1/ROW_TILES of the work: with 16, room within the sweep's k + 0.10
+# for the fixed costs (with 10, the rounding alone could take it all). Each
+# row tile adds its share to every dW column once, so finer tiles cost a
+# little time when every token is kept.
 ROW_TILES = 16
 
 
