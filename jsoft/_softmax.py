@@ -115,18 +115,30 @@ def _mass_jvp(primals, tangents):
 # ------------------------------------------------------------------ kernels
 
 
+def _upcast(x: jax.Array) -> jax.Array:
+  """``x`` in the compute dtype (float32 for 16-bit floats)."""
+  return x.astype(_checks.compute_dtype(x.dtype))
+
+
+def _shift(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+  """:func:`row_shift` of ``x`` in the compute dtype. The max of 16-bit
+  ``x`` is taken at their own width (exact: the upcast is increasing, so it
+  commutes with the max), which reads half the bytes of a float32 copy."""
+  return row_shift(x, axis).astype(_checks.compute_dtype(x.dtype))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _softmax(x: jax.Array, axis: tuple[int, ...],
              where: jax.Array | None) -> jax.Array:
   x = masked(x, where)
-  e = jnp.exp(x - row_shift(x, axis))
+  e = jnp.exp(_upcast(x) - _shift(x, axis))
   return e / _spellings.guarded_mass(jnp.sum(e, axis=axis, keepdims=True))
 
 
 @_softmax.defjvp
 def _softmax_jvp(axis, primals, tangents):
   x, where = primals
-  dx, _ = tangents
+  dx = _upcast(tangents[0])
   y = _softmax(x, axis, where)
   # dy = y ⊙ (dx − Σ y·dx); masked entries have y = 0 and stay at 0.
   # Spelled y ⊙ dx + y·(−Σ y ⊙ dx), so that its transpose (the gradient)
@@ -140,7 +152,7 @@ def _softmax_jvp(axis, primals, tangents):
 def _log_softmax(x: jax.Array, axis: tuple[int, ...],
                  where: jax.Array | None) -> jax.Array:
   x = masked(x, where)
-  z = x - row_shift(x, axis)
+  z = _upcast(x) - _shift(x, axis)
   s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
   # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
   return z - jnp.log(_spellings.guarded_mass(s))
@@ -149,7 +161,7 @@ def _log_softmax(x: jax.Array, axis: tuple[int, ...],
 @_log_softmax.defjvp
 def _log_softmax_jvp(axis, primals, tangents):
   x, where = primals
-  dx, _ = tangents
+  dx = _upcast(tangents[0])
   y = _log_softmax(x, axis, where)
   p = jnp.exp(y)
   dy = dx - jnp.sum(p * dx, axis=axis, keepdims=True)
@@ -304,8 +316,8 @@ def _activation(kernel, fn):
     axes = _checks.axes(axis, x.ndim, fn, allow_none=True)
     where = _checks.mask(where, x.shape, fn)
     _checks.finite(x, fn, "x", where)
-    return kernel(x.astype(_checks.compute_dtype(x.dtype)), axes,
-                  where).astype(x.dtype)
+    # The kernel computes 16-bit x in float32 (see _shift).
+    return kernel(x, axes, where).astype(x.dtype)
 
   return run
 

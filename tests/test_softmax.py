@@ -263,3 +263,25 @@ class TestMaskGradients:
         jsoft.softmax_cross_entropy(x, t, where=self.MASK)))(self.X))
     np.testing.assert_array_equal(g[~self.MASK], 0.0)
     assert np.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+def test_16bit_gradient_matches_float64(fn, dtype):
+  # 16-bit x is computed in float32 inside the rules (the max at x's width):
+  # the gradient comes back in x's dtype, rounded once from the exact value
+  # at x's entries and the output's cotangent (16-bit like the output).
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(scale=3, size=(3, 6)), dtype)
+  w = rng.normal(size=(3, 6)).astype(np.float32)
+  g = jax.grad(lambda x: jnp.sum(w * getattr(jsoft, fn)(x).astype(F32)))(x)
+  assert g.dtype == dtype
+  x64 = np.asarray(x, np.float64)
+  w64 = np.asarray(jnp.asarray(w, dtype), np.float64)
+  y = helpers.softmax(x64)
+  if fn == "softmax":  # J^T w = y ⊙ (w − Σ y·w)
+    expected = y * (w64 - np.sum(y * w64, -1, keepdims=True))
+  else:  # J^T w = w − softmax·Σ w
+    expected = w64 - y * np.sum(w64, -1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(g, np.float64), expected,
+                             rtol=float(jnp.finfo(dtype).eps), atol=1e-6)
