@@ -192,9 +192,13 @@ def _label_logit(block: Block, label: jax.Array,
 
 
 def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
-                       label: jax.Array | None, entropy: bool = False
+                       label: jax.Array | None, entropy: bool = False,
+                       product_first: bool = False
                        ) -> tuple[Sums, jax.Array]:
-  """:func:`block_sums`, and the ``e^z`` it summed (for the gradient)."""
+  """:func:`block_sums`, and the ``e^z`` it summed (for the gradient).
+  ``product_first``: a caller that does not differentiate this function may
+  have the dense sum taken by
+  :func:`jsoft._spellings.dense_sum_product_first` where that pays."""
   c = shift[..., None]
   x = _raw(block)
   z = _spellings.shifted(x, c, _masking(block), lmap)
@@ -202,11 +206,18 @@ def block_sums_and_exp(lmap: LogitMap | None, block: Block, shift: jax.Array,
   x_label = None if label is None else _label_logit(block, label, lmap)
   d = None
   if block.dense is not None:
-    # An inline-sized block shares z: no [N, C] temp is at stake there,
-    # and the SECOND spelling's negated shift is a flop per row.
-    z2 = (z if _spellings.inline_sized(x.size) else
-          _spellings.shifted(x, c, _masking(block), lmap, _spellings.SECOND))
-    d = _spellings.dense_sum(_dense(block), z2)
+    u = _dense(block)
+    if (product_first and jnp.ndim(u) and _spellings.product_sum_first(
+        x.shape, _masking(block) is not None)):
+      # (Each branch shifts the logits as it reads them: see there.)
+      d = _spellings.dense_sum_product_first(u, lambda: _spellings.shifted(
+          _raw(block), c, None, lmap, _spellings.SECOND))
+    else:
+      # An inline-sized block shares z: no [N, C] temp is at stake there,
+      # and the SECOND spelling's negated shift is a flop per row.
+      z2 = (z if _spellings.inline_sized(x.size) else _spellings.shifted(
+          x, c, _masking(block), lmap, _spellings.SECOND))
+      d = _spellings.dense_sum(u, z2)
   h = None
   if entropy:
     h = jnp.sum(e * -_spellings.finite(z), axis=-1)

@@ -47,6 +47,9 @@ lean kernel, so a JAX upgrade that undoes one fails a test.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -172,6 +175,37 @@ def dense_sum(u, z: jax.Array) -> jax.Array:
     return u * jnp.sum(zc - lost, axis=-1)
   lost = jax.lax.stop_gradient((u * jnp.minimum(zc - z, scale)) * scale)
   return jnp.sum(u * zc - lost, axis=-1)
+
+
+def product_sum_first(shape: tuple[int, ...], masked: bool) -> bool:
+  """Whether :func:`dense_sum_product_first` pays at logits of ``shape``
+  (measured, 2-core Intel Xeon): unmasked (a masked entry's ``−inf`` under
+  a zero target would take the fallback on every call); more than 2^14
+  logits (below, the cond costs what the ops save, and a tiny step leaves
+  XLA CPU's calling thread); at most 2^22 (above, the step is bound by
+  memory, not by the sum's ops, and the cond's split costs); and below
+  :func:`one_kernel` rows (where XLA CPU runs the chain of reductions as one
+  kernel, and a cond would split it)."""
+  size = math.prod(shape)
+  rows = size // max(shape[-1], 1)
+  return not masked and 2**14 < size <= 2**22 and not one_kernel(rows)
+
+
+def dense_sum_product_first(u, z: Callable[[], jax.Array]) -> jax.Array:
+  """:func:`dense_sum` for a gradient's forward pass, as the plain sum of
+  products ``Σ u·z`` (two ops per logit, where :func:`dense_sum`'s guards
+  take eight), and by :func:`dense_sum` only when some row of that is NaN:
+  a zero target on a ``−inf`` logit (``0·inf``), or a NaN input. Below
+  :func:`one_kernel` rows XLA CPU runs this sum as its own single-threaded
+  loop, beside the gradient's ``exp`` pass, and its ops then set the
+  step's time. Not differentiated (the VJP rule's forward).
+
+  ``z`` computes the shifted logits: each branch computes its own from the
+  logits, so the cond holds no ``[N, C]`` array of them as its operand.
+  """
+  fast = jnp.sum(u * z(), axis=-1)
+  return jax.lax.cond(jnp.any(jnp.isnan(fast)), lambda: dense_sum(u, z()),
+                      lambda: fast)
 
 
 @jax.custom_jvp

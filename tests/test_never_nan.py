@@ -300,3 +300,58 @@ def test_probability_forward_on_both_sides_of_the_small_call_size(columns):
   want[0] = helpers.ce_prob(np.where(x[0] == -INF, -1e300, x[0]), t[0])
   want[1], want[2] = 0.0, INF
   np.testing.assert_allclose(prob_ce(x, t), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [6, 2000])
+def test_probability_gradient_on_both_sides_of_the_product_first_size(columns):
+  # A training step over 2^14 to 2^22 logits takes the dense sum as a plain
+  # sum of products, with a fallback when it is NaN
+  # (jsoft._spellings.dense_sum_product_first); a smaller one the guarded
+  # sum. Both give the loss and the y − t gradient of a float64 reference:
+  # zero targets on -inf logits add nothing and get a zero gradient, a row
+  # with no mass and no target has loss 0 and gradient 0, target mass on a
+  # -inf logit gives +inf.
+  rng = np.random.default_rng(columns + 1)
+  x = rng.normal(scale=3.0, size=(12, columns))
+  t = rng.dirichlet(np.ones(columns), size=12)
+  x[0, :3] = -INF  # zero target there
+  t[0, :3] = 0.0
+  t[0] /= t[0].sum()
+  x[1, :] = -INF  # no mass, no target
+  t[1, :] = 0.0
+  x[2, 1] = -INF  # target mass on -inf
+  finite = np.where(np.isinf(x), -1e300, x)
+  want = helpers.ce_prob(finite, t)
+  want[1], want[2] = 0.0, INF
+  want_grad = helpers.ce_prob_grad(finite, t)
+  want_grad[1] = 0.0
+
+  def total(x):
+    per_row = prob_ce(x, t)
+    return jnp.sum(per_row), per_row
+
+  (_, loss), grad = jax.value_and_grad(total, has_aux=True)(x)
+  np.testing.assert_allclose(loss, want, rtol=1e-12, atol=1e-12)
+  kept = np.arange(12) != 2  # the +inf row's gradient is not a number
+  np.testing.assert_allclose(np.asarray(grad)[kept], want_grad[kept],
+                             rtol=1e-12, atol=1e-12)
+
+
+def test_probability_step_takes_the_product_first_sum_only_where_it_pays():
+  # Pins the spelling: the training step's forward holds the cond of
+  # jsoft._spellings.dense_sum_product_first from 2^14 to 2^22 unmasked
+  # logits below 4096 rows, and nowhere else.
+  def conds(n, c, where=None):
+    x, t = jnp.zeros((n, c), jnp.float32), jnp.zeros((n, c), jnp.float32)
+    step = jax.value_and_grad(
+        lambda x: jnp.sum(prob_ce(x, t, where=where)))
+    jaxpr = jax.make_jaxpr(step)(x)
+    return sum(e.primitive.name == "cond"
+               for e in helpers.jaxpr_eqns(jaxpr.jaxpr))
+
+  assert conds(12, 2000) == 1
+  assert conds(1024, 1000) == 1
+  assert conds(8, 10) == 0  # too small
+  assert conds(2048, 4096) == 0  # over 2^22 logits
+  assert conds(4096, 8) == 0  # one kernel
+  assert conds(12, 2000, where=jnp.ones((12, 2000), bool)) == 0  # masked
