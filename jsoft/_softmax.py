@@ -121,9 +121,10 @@ def _upcast(x: jax.Array) -> jax.Array:
 
 
 def _shift(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
-  """:func:`row_shift` of ``x`` in the compute dtype. The max of 16-bit
-  ``x`` is taken at their own width (exact: the upcast is increasing, so it
-  commutes with the max), which reads half the bytes of a float32 copy."""
+  """:func:`row_shift` of ``x`` in the compute dtype, for all three
+  kernels. The max of 16-bit ``x`` is taken at their own width (exact: the
+  upcast is increasing, so it commutes with the max), which reads half the
+  bytes of a float32 copy."""
   return row_shift(x, axis).astype(_checks.compute_dtype(x.dtype))
 
 
@@ -181,9 +182,8 @@ def _lse_weights(a, b, where, axis):
   if b is not None:
     where = (b != 0) if where is None else where & (b != 0)
   x = masked(a, where)
-  ct = _checks.compute_dtype(x.dtype)
-  c = row_shift(x, axis).astype(ct)
-  e = jnp.exp(x.astype(ct) - c)
+  c = _shift(x, axis)
+  e = jnp.exp(_upcast(x) - c)
   s = jnp.sum(e if b is None else b * e, axis=axis, keepdims=True)
   return c, e, s
 
@@ -208,7 +208,7 @@ def _logsumexp_jvp(axis, primals, tangents):
   d = q * da if b is None else q * (b * da)
   if b is not None:
     # ∂/∂b_i = e^(a_i − lse)·sign for every unmasked i, including b_i = 0.
-    x = masked(a, where).astype(c.dtype)
+    x = _upcast(masked(a, where))
     q_all = jnp.exp(x - c) * inv
     d = d + q_all * db
   dout = jnp.sum(d, axis=axis, keepdims=True)

@@ -280,14 +280,11 @@ def test_checked_still_catches_nan_on_a_kept_entry_with_a_row_mask():
                                    ignore_index=-100))(x)
 
 
-@pytest.mark.parametrize("columns", [6, 6000])
-def test_probability_forward_on_both_sides_of_the_small_call_size(columns):
-  # A forward pass over at most 2^16 logits takes the exact one-pass
-  # spelling (a select per logit); over more, the one-pass loss with a
-  # fallback when it is NaN. Both give: zero targets on -inf logits add
-  # nothing; a row with no mass and no target gives 0; target mass on a
-  # -inf logit gives +inf.
-  rng = np.random.default_rng(columns)
+def _probability_edge_rows(columns, seed):
+  """12 rows of logits and probability targets, the first three the edge
+  cases: zero target on three -inf logits; all -inf with no target; target
+  mass on a -inf logit."""
+  rng = np.random.default_rng(seed)
   x = rng.normal(scale=3.0, size=(12, columns))
   t = rng.dirichlet(np.ones(columns), size=12)
   x[0, :3] = -INF  # zero target there
@@ -296,6 +293,17 @@ def test_probability_forward_on_both_sides_of_the_small_call_size(columns):
   x[1, :] = -INF  # no mass, no target
   t[1, :] = 0.0
   x[2, 1] = -INF  # target mass on -inf
+  return x, t
+
+
+@pytest.mark.parametrize("columns", [6, 6000])
+def test_probability_forward_on_both_sides_of_the_small_call_size(columns):
+  # A forward pass over at most 2^16 logits takes the exact one-pass
+  # spelling (a select per logit); over more, the one-pass loss with a
+  # fallback when it is NaN. Both give: zero targets on -inf logits add
+  # nothing; a row with no mass and no target gives 0; target mass on a
+  # -inf logit gives +inf.
+  x, t = _probability_edge_rows(columns, seed=columns)
   want = helpers.ce_prob(np.where(np.isinf(x), 0.0, x), t)
   want[0] = helpers.ce_prob(np.where(x[0] == -INF, -1e300, x[0]), t[0])
   want[1], want[2] = 0.0, INF
@@ -311,15 +319,7 @@ def test_probability_gradient_on_both_sides_of_the_product_first_size(columns):
   # zero targets on -inf logits add nothing and get a zero gradient, a row
   # with no mass and no target has loss 0 and gradient 0, target mass on a
   # -inf logit gives +inf.
-  rng = np.random.default_rng(columns + 1)
-  x = rng.normal(scale=3.0, size=(12, columns))
-  t = rng.dirichlet(np.ones(columns), size=12)
-  x[0, :3] = -INF  # zero target there
-  t[0, :3] = 0.0
-  t[0] /= t[0].sum()
-  x[1, :] = -INF  # no mass, no target
-  t[1, :] = 0.0
-  x[2, 1] = -INF  # target mass on -inf
+  x, t = _probability_edge_rows(columns, seed=columns + 1)
   finite = np.where(np.isinf(x), -1e300, x)
   want = helpers.ce_prob(finite, t)
   want[1], want[2] = 0.0, INF
