@@ -51,29 +51,49 @@ def _bce_fwd(static, logits, labels, pos_weight):
 
 def _loss(x, t, tp):
   """``tp·softplus(−x) + (1 − t)·softplus(x)``, elementwise, without a
-  compare, so that a reduction of the loss fuses with it."""
-  sp_pos, sp_neg = softplus_pair(x)  # −log σ(−x), −log σ(x): +inf at ∓inf
+  compare, so that a reduction of the loss fuses with it.
+
+  With ``a = log(1 + e^−|x|)`` and ``y = −x`` the loss is
+  ``tp·max(y, 0) + (1 − t)·max(−y, 0) + (tp + 1 − t)·a``, which is
+  ``t·y − min(y, 0) + a`` for ``tp = t``.
+  On ``y`` clamped to the finite floats every term is finite, so a zero
+  weight on an infinite logit adds ``0·finite = 0``, not ``0·inf = NaN``.
+  At ``x = ±inf`` that clamped loss is the weight on the infinite side
+  times the largest float (``a = 0`` there); ``|x + y|`` (0 at every finite
+  ``x``, ``+inf`` at ``±inf``) capped at ``2^127``, times it, times
+  ``2^127`` again overflows to ``+inf`` for any normal weight ``> 0`` and
+  stays 0 for a zero weight. 15 flops an element by XLA's cost analysis
+  (22 as two capped softplus terms, 18 for optax's): the 1024×1000 float32
+  forward reads 1.03–1.06× optax where 22 read 0.89–0.95×.
+
+  The clamp is spelled ``min(−min(x, big), big)``, two one-sided caps: as
+  ``clip`` (or ``min(max(…))``, which XLA rewrites to a clamp) it falls
+  out of the YNNPACK fusion that XLA CPU gives a reduction of the loss,
+  which then holds the clamped logits as an ``[N, C]`` temp.
+  """
   info = jnp.finfo(x.dtype)
-  # Each softplus capped at the largest float, so a weight of exactly 0 on
-  # an infinite softplus adds 0·finite = 0 (not NaN) ...
-  a, b = jnp.minimum(sp_neg, float(info.max)), jnp.minimum(sp_pos, float(
-      info.max))
-  # ... while any positive weight on one makes the loss +inf: sp − cap is 0
-  # when finite and +inf when not; capped at 2^127, times the weight, times
-  # 2^127 again it overflows for any normal weight > 0 and stays 0 for a
-  # zero weight. A constant under autodiff (its derivative is 0 wherever
-  # it is finite).
+  big = float(info.max)
+  y = jnp.minimum(-jnp.minimum(x, big), big)  # −x, clamped
+  tail = jnp.log1p(jnp.exp(-jnp.abs(x)))  # of x, not y: off the clamp's chain
+  low = jnp.minimum(y, 0)  # −max(x, 0), clamped
+  if tp is t:
+    # The linear terms first, so the tail survives their cancellation
+    # (t = 1, x = 40: −40 + 40, then + 4.2e−18).
+    clamped = (t * y - low) + tail
+  else:
+    # Each weight on its own side's max (y − low = max(−x, 0)), so a
+    # weight over 1 cannot overflow the side it does not weigh.
+    clamped = (tp * (y - low) - (1 - t) * low) + (tp + (1 - t)) * tail
   scale = 2.0 ** (info.maxexp - 1)
-  infinite = lax.stop_gradient(
-      (tp * jnp.minimum(sp_neg - a, scale)) * scale
-      + ((1 - t) * jnp.minimum(sp_pos - b, scale)) * scale)
-  return tp * a + (1 - t) * b + infinite
+  infinite = jnp.minimum(jnp.abs(x + y), scale)
+  # A constant under autodiff (its derivative is 0 wherever it is finite).
+  return clamped + lax.stop_gradient((infinite * clamped) * scale)
 
 
 def _few_loss(x, t, tp, plain):
   """:func:`_loss` in ten ops an element, for a call small enough to run
   on XLA CPU's calling thread (:func:`jsoft._spellings.inline_sized`;
-  :func:`_loss` takes 22). With ``a = log(1 + e^−|x|)``, the loss is
+  :func:`_loss` takes 17). With ``a = log(1 + e^−|x|)``, the loss is
   ``x·q + (tp + 1 − t)·a``, ``q = 1 − t`` for ``x > 0`` and ``−tp``
   otherwise; a select drops ``x·q`` where ``q = 0``, so ``±inf·0`` never
   forms. Never differentiated: the VJP rule gives the gradient, and its

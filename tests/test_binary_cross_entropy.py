@@ -49,21 +49,29 @@ class TestBinaryCrossEntropy:
 
   @pytest.mark.parametrize("copies", [1, 4])  # 45 and 180 elements
   @pytest.mark.parametrize("pos_weight", [None, 2.5])
-  def test_both_spellings_on_every_edge_case(self, copies, pos_weight):
+  @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+  def test_both_spellings_on_every_edge_case(self, copies, pos_weight,
+                                             dtype):
     # Up to 128 elements the loss takes a select spelling, over it a
     # select-free one (jsoft._binary_cross_entropy): both give
     # p·t·softplus(−x) + (1 − t)·softplus(x) with a zero-weight term
-    # dropped, at infinite logits and at targets outside [0, 1] too.
-    xs = [-INF, -1e4, -3.0, -1e-3, 0.0, 2.0, 40.0, INF, np.nan]
-    ts = [0.0, 0.3, 1.0, 1.5, -0.5]
-    x, t = (np.tile(a.ravel(), copies) for a in np.meshgrid(xs, ts))
+    # dropped, at infinite logits and at targets outside [0, 1] too. The
+    # select-free one clamps to the largest float of the dtype: float32
+    # checks its overflow term at a different largest float and 2^127.
+    xs = [-INF, -1e30, -1e4, -3.0, -1e-3, 0.0, 2.0, 40.0, 1e30, INF, np.nan]
+    ts = [0.0, 0.3, 1.0, 1.5, -0.5, 1e-30]
+    x, t = (np.tile(a.ravel(), copies).astype(dtype)
+            for a in np.meshgrid(xs, ts))
     p = 1.0 if pos_weight is None else pos_weight
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
     with np.errstate(invalid="ignore"):
       terms = [np.where(w == 0, 0.0, w * np.logaddexp(0.0, s))
-               for w, s in ((p * t, -x), (1 - t, x))]
-    want = np.where(np.isnan(x), np.nan, terms[0] + terms[1])
-    np.testing.assert_allclose(bce(x, t, pos_weight=pos_weight), want,
-                               rtol=1e-13)
+               for w, s in ((p * t64, -x64), (1 - t64, x64))]
+    want = np.where(np.isnan(x64), np.nan, terms[0] + terms[1])
+    got = bce(x, t, pos_weight=pos_weight)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want,
+                               rtol=1e-13 if dtype == np.float64 else 1e-6)
 
   def test_gradient_is_sigmoid_minus_target_and_finite(self):
     x = jnp.asarray([INF, -INF, 1e9, -1e9, 0.0, 2.0], F32)
