@@ -54,6 +54,16 @@ BUDGETS = {  # loop: (share, cap in bytes)
     "classes": (16, 16 * MIB),
     "distillation": (32, 16 * MIB),
 }
+# The class loop's default tile holds at least this many logits' bytes
+# (2^20 logits: 1024 classes at 1024 tokens, 2048 at 512) where its step
+# leaves room for hᵀ. With few tokens the budget's share made tiles of a
+# few hundred classes, whose fixed costs per tile put the step behind the
+# unfused loss on a 2-core Intel Xeon: 1024×128×8192 in 13 tiles of 632
+# read 0.93–0.96× optax, in tiles of 1024 1.11–1.20× (temp 5.5 MiB against
+# 3.8, optax's 64); 512×128×8192 in 15 of 552 0.87×, in tiles of 2048
+# 1.17× (5.5 MiB against 1.9, optax's 32). With many tokens a tile is
+# large already: 8192×64×16384 ran fastest in its 824-class tiles.
+MIN_CLASS_TILE_BYTES = 4 * MIB
 # Row tiles of a class loop whose ignored tokens are gathered out: the kept
 # count is rounded up to 1/ROW_TILES of the tokens (the forward and backward
 # passes skip the row tiles past it), so a kept fraction k runs at most
@@ -109,7 +119,8 @@ def class_tile(n: int, d: int, vocab: int,
   of ``dh`` (``8·N·D``), ``W``'s tile (``4·D·c``) — stays within 31/32 of
   twice the "classes" budget (the rest for numbers per token); where that
   leaves no tile of ``D`` classes, the tile is the budget's own, without
-  ``hᵀ``.
+  ``hᵀ``. A tile with room for ``hᵀ`` holds at least
+  :data:`MIN_CLASS_TILE_BYTES` of logits.
   """
   if size:
     size = min(size, vocab)
@@ -119,7 +130,8 @@ def class_tile(n: int, d: int, vocab: int,
   if size >= 8:
     size -= size % 8
   if size >= min(d, vocab):
-    size = balanced(vocab, size)
+    floor = MIN_CLASS_TILE_BYTES // (4 * n)
+    size = balanced(vocab, max(size, floor - floor % 8))
     return size, d <= size
   return rows_per_tile(vocab, n, nbytes), False
 

@@ -426,9 +426,11 @@ def test_default_tile_keeps_the_fused_head_under_a_sixteenth():
 
 
 def test_default_class_tile_below_its_cap_within_its_bound():
-  # Below the class budget's cap (N·V < 2^26) the default tile is 1/16 of
-  # the logits' bytes (jsoft._tiling.BUDGETS): 632 classes here, where the
-  # unfused loss's float32 logits alone are 32 MiB.
+  # Below the class budget's cap (N·V < 2^26) the default step is sized
+  # from 1/16 of the logits' bytes (jsoft._tiling.BUDGETS), its tile at
+  # least 4 MiB of them (MIN_CLASS_TILE_BYTES): 1024 classes here, where
+  # the unfused loss's float32 logits alone are 32 MiB; the temp at most
+  # a quarter of them (5.5 MiB, measured).
   n, d, v = 1024, 128, 8192
   h, w = jnp.zeros((n, d), F32), jnp.zeros((d, v), F32)
   y = jnp.zeros((n,), jnp.int32)

@@ -35,12 +35,16 @@ def test_default_class_tiles():
   # 16 MiB): at N=8192, D=256, (31 MiB − 16 MiB) / (4·8448 B) = 465.4,
   # so 464 classes, at V=32000 too (69 tiles of 464). Below the cap, at
   # N=1024, D=128, V=8192 the budget is 2 MiB: (3.875 MiB − 1 MiB) /
-  # (4·1152 B) = 654.2, so 648, balanced: 13 tiles of 632. Where hᵀ
-  # leaves no room, the budget's own tile without it.
+  # (4·1152 B) = 654.2, so 648, under the 4 MiB floor's 2^20 / 1024 = 1024
+  # classes: 8 tiles of 1024; at N=512 the floor is 2048 classes (the
+  # budget's 1 MiB gave 552). Where hᵀ leaves no room, the budget's own
+  # tile without it, and no floor.
   tile = tiling.class_tile
   assert tile(8192, 256, 32768, None) == (464, True)
   assert tile(8192, 256, 32000, None) == (464, True)
-  assert tile(1024, 128, 8192, None) == (632, True)
+  assert tile(1024, 128, 8192, None) == (1024, True)
+  assert tile(512, 128, 8192, None) == (2048, True)
+  assert tile(1024, 128, 3000, None) == (1000, True)  # balanced: 3 tiles
   assert tile(4096, 4096, 32768, None) == (1024, False)  # 16 MiB; D > c
   assert tile(8192, 256, 32768, 128) == (128, False)  # as asked; D > c
   assert tile(8192, 256, 32768, 256) == (256, True)
