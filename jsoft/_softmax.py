@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jsoft import _checks, _spellings
+from jsoft import _checks, _compat, _spellings
 
 Axis = int | tuple[int, ...] | None
 
@@ -149,21 +149,35 @@ def _softmax_jvp(axis, primals, tangents):
   return y, p + y * -jnp.sum(p, axis=axis, keepdims=True)
 
 
+def _log_softmax_value(x: jax.Array, axis: tuple[int, ...],
+                       where: jax.Array | None, reread: bool) -> jax.Array:
+  x = masked(x, where)
+  c = _shift(x, axis)
+  z = _upcast(x) - c
+  s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
+  if reread and where is None and _spellings.rereads_input(x.shape, axis):
+    # Large and split into passes: the last pass reads x (no mask: a masked
+    # x would be held whole for it) instead of the stored x − m.
+    x, c = _compat.barrier((x, c))
+    z = _upcast(x) - c
+  # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
+  return z - jnp.log(_spellings.guarded_mass(s))
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _log_softmax(x: jax.Array, axis: tuple[int, ...],
                  where: jax.Array | None) -> jax.Array:
-  x = masked(x, where)
-  z = _upcast(x) - _shift(x, axis)
-  s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
-  # log softmax = (x − m) − log Σ e^(x − m); −inf for a slice with no mass.
-  return z - jnp.log(_spellings.guarded_mass(s))
+  return _log_softmax_value(x, axis, where, reread=True)
 
 
 @_log_softmax.defjvp
 def _log_softmax_jvp(axis, primals, tangents):
   x, where = primals
   dx = _upcast(tangents[0])
-  y = _log_softmax(x, axis, where)
+  # Differentiated, float32 x − m is better kept for the last pass (the
+  # 2048×32000 step: 1.19× jax.nn's speed kept, 1.03× formed again); 16-bit
+  # x is better read again (1.47× → 1.71×).
+  y = _log_softmax_value(x, axis, where, reread=x.dtype.itemsize == 2)
   p = jnp.exp(y)
   dy = dx - jnp.sum(p * dx, axis=axis, keepdims=True)
   # Masked entries are the constant −inf: zero tangent, exactly.

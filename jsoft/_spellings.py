@@ -132,6 +132,20 @@ def one_kernel(rows: int) -> bool:
   return rows >= 4096
 
 
+def rereads_input(shape: tuple[int, ...], axis: tuple[int, ...]) -> bool:
+  """Whether ``log_softmax``'s last pass should form ``x − m`` again from
+  ``x`` rather than read the ``x − m`` that the max's pass wrote (a barrier
+  keeps XLA from merging the two): over 2^22 entries below
+  :func:`one_kernel` rows, where the passes are bound by memory. Measured,
+  2-core Intel Xeon, float32, ``jax.nn``'s time ÷ jsoft's: 1024×8192 0.99 →
+  1.21, 1024×16384 0.99 → 1.14, 1024×32000 and 2048×32000 1.00 → 1.07; at
+  1024×4096 (2^22) 1.01 → 0.97 and at 1024×1000 1.03 → 0.98, so not there;
+  from 4096 rows XLA runs the whole chain as one kernel either way."""
+  size = math.prod(shape)
+  rows = size // max(math.prod(shape[a] for a in axis), 1)
+  return size > 2**22 and not one_kernel(rows)
+
+
 def few_logits(size: int) -> bool:
   """Whether a forward pass over ``size`` logits is so small that XLA CPU
   takes longer to run a ``lax.cond`` (a fallback taken only when the

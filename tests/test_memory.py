@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jsoft
-from jsoft import _loss_rule
+from jsoft import _compat, _loss_rule
 from jsoft import _tiling as tiling
 from tests import helpers
 
@@ -209,6 +209,40 @@ def test_16bit_softmax_max_reads_the_input_at_its_width(fn):
              if e.primitive.name in ("reduce", "reduce_max")
              and e.invars[0].aval.shape == (n, c)]
     assert maxes and all(d == jnp.bfloat16 for d in maxes), maxes
+
+
+def test_long_log_softmax_forms_x_minus_m_again_in_its_last_pass():
+  # Over 2^22 entries below 4096 rows XLA CPU runs log_softmax as passes
+  # bound by memory; the last one reads x again rather than the stored
+  # x − m, a barrier keeping XLA from merging the two
+  # (jsoft._spellings.rereads_input). jax.nn's time ÷ jsoft's, float32
+  # forward, 2-core Intel Xeon: 1024×8192 0.99 → 1.11–1.21, 2048×32000
+  # 1.00 → 1.04–1.07; bfloat16 forward 2048×32000 1.21 → 2.09. A
+  # float32 step keeps the stored x − m (with the barrier 1.19 → 1.03 at
+  # 2048×32000); a bfloat16 step reads x again (1.47 → 1.71). Pinned in the
+  # program, with no [N, C] temp (jax 0.4.38 cannot differentiate the
+  # barrier: none there).
+  on = 1 if _compat._barrier_differentiable() else 0
+
+  def barriers(f, x, **kw):
+    jaxpr = jax.make_jaxpr(lambda x: f(x, **kw))(x).jaxpr
+    return sum(e.primitive.name == "optimization_barrier"
+               for e in helpers.jaxpr_eqns(jaxpr))
+
+  def step(x, **kw):
+    return jax.value_and_grad(
+        lambda x: jnp.sum(jsoft.log_softmax(x, **kw).astype(F32)))(x)
+
+  long = jnp.zeros((1024, 4097), F32)
+  assert barriers(jsoft.log_softmax, long) == on
+  assert barriers(jsoft.log_softmax, long.astype(jnp.bfloat16)) == on
+  assert barriers(jsoft.log_softmax, jnp.zeros((1024, 4096), F32)) == 0
+  assert barriers(jsoft.log_softmax, jnp.zeros((4096, 1025), F32)) == 0
+  assert barriers(jsoft.log_softmax, long,
+                  where=jnp.ones(long.shape, bool)) == 0
+  assert barriers(step, long) == 0
+  assert barriers(step, long.astype(jnp.bfloat16)) == on
+  _lean(_temp(jsoft.log_softmax, long), *long.shape)
 
 
 def _direct_cost(dtype, n, c):

@@ -285,3 +285,49 @@ def test_16bit_gradient_matches_float64(fn, dtype):
     expected = w64 - y * np.sum(w64, -1, keepdims=True)
   np.testing.assert_allclose(np.asarray(g, np.float64), expected,
                              rtol=float(jnp.finfo(dtype).eps), atol=1e-6)
+
+
+# Over 2^22 entries in fewer than 4096 rows the forward's last pass forms
+# x − m again from x (jsoft._spellings.rereads_input): the shape just past
+# that, and a row that is all −inf, one with a NaN and one with a large
+# spread, against float64 (the float32 case is computed in float32).
+REREAD = (1024, 4097)
+
+
+def _reread_case(dtype):
+  rng = np.random.default_rng(11)
+  x = rng.normal(scale=4, size=REREAD)
+  x[1] = -np.inf
+  x[2, 5] = np.nan
+  x[3, ::2] -= 1e4
+  return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
+def test_log_softmax_past_2_22_entries_matches_float64(dtype):
+  x = _reread_case(dtype)
+  got = np.asarray(jsoft.log_softmax(x).astype(F32), np.float64)
+  x64 = np.asarray(x, np.float64)
+  with np.errstate(invalid="ignore"):
+    want = helpers.log_softmax(x64)
+  want[1] = -np.inf
+  want[2] = np.nan
+  # float32: a few units in the last place of the value and of the row's
+  # log-sum (up to ~30 here); bfloat16: the one rounding to bfloat16.
+  tol = dict(rtol=4e-6, atol=4e-6) if dtype == F32 else dict(
+      rtol=float(jnp.finfo(jnp.bfloat16).eps), atol=0)
+  np.testing.assert_allclose(got, want, **tol)
+
+
+def test_log_softmax_step_past_2_22_entries_matches_float64():
+  # bfloat16 takes the reread in the JVP rule too; its gradient against
+  # float64 (finite rows; J^T w = w − softmax·Σ w).
+  x = _reread_case(jnp.bfloat16)[4:]
+  w = jnp.asarray(np.random.default_rng(12).normal(size=x.shape), F32)
+  g = jax.grad(lambda x: jnp.sum(w * jsoft.log_softmax(x).astype(F32)))(x)
+  x64 = np.asarray(x, np.float64)
+  w64 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+  want = w64 - helpers.softmax(x64) * np.sum(w64, -1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(g, np.float64), want,
+                             rtol=float(jnp.finfo(jnp.bfloat16).eps),
+                             atol=1e-6)
