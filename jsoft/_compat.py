@@ -91,10 +91,9 @@ def _barrier_differentiable() -> bool:
 
 def barrier(x: Any) -> Any:
   """``lax.optimization_barrier(x)`` (an array or a pytree of them): ``x``,
-  made as its own value (XLA
-  does not fold it into the op that reads it). jax 0.4.38 cannot
-  differentiate the barrier; there ``x`` itself, the same values (the
-  barrier changes the speed, not the result)."""
+  made as its own value (XLA does not fold it into the op that reads it).
+  jax 0.4.38 cannot differentiate the barrier; there ``x`` itself, the same
+  values (the barrier changes the speed, not the result)."""
   return lax.optimization_barrier(x) if _barrier_differentiable() else x
 
 

@@ -132,6 +132,11 @@ def one_kernel(rows: int) -> bool:
   return rows >= 4096
 
 
+def _rows(shape: tuple[int, ...], axis: tuple[int, ...]) -> int:
+  """How many slices over ``axis`` an array of ``shape`` holds."""
+  return math.prod(shape) // max(math.prod(shape[a] for a in axis), 1)
+
+
 def rereads_input(shape: tuple[int, ...], axis: tuple[int, ...]) -> bool:
   """Whether ``log_softmax``'s last pass should form ``x − m`` again from
   ``x`` rather than read the ``x − m`` that the max's pass wrote (a barrier
@@ -141,9 +146,7 @@ def rereads_input(shape: tuple[int, ...], axis: tuple[int, ...]) -> bool:
   1.21, 1024×16384 0.99 → 1.14, 1024×32000 and 2048×32000 1.00 → 1.07; at
   1024×4096 (2^22) 1.01 → 0.97 and at 1024×1000 1.03 → 0.98, so not there;
   from 4096 rows XLA runs the whole chain as one kernel either way."""
-  size = math.prod(shape)
-  rows = size // max(math.prod(shape[a] for a in axis), 1)
-  return size > 2**22 and not one_kernel(rows)
+  return math.prod(shape) > 2**22 and not one_kernel(_rows(shape, axis))
 
 
 def few_logits(size: int) -> bool:
@@ -201,8 +204,8 @@ def product_sum_first(shape: tuple[int, ...], masked: bool) -> bool:
   :func:`one_kernel` rows (where XLA CPU runs the chain of reductions as one
   kernel, and a cond would split it)."""
   size = math.prod(shape)
-  rows = size // max(shape[-1], 1)
-  return not masked and 2**14 < size <= 2**22 and not one_kernel(rows)
+  return (not masked and 2**14 < size <= 2**22
+          and not one_kernel(_rows(shape, (-1,))))
 
 
 def dense_sum_product_first(u, z: Callable[[], jax.Array]) -> jax.Array:
